@@ -1,0 +1,40 @@
+# chatkit: `make demo` fine-tunes a tiny chat model end to end on CPU; `make test` runs the test suite.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.chatkit-installed
+# Extra index for torch, e.g. https://download.pytorch.org/whl/cu128 for CUDA (see README).
+TORCH_INDEX ?=
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install demo test test-fast bench lint format clean
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml changes, so `make install` is quick once done.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+demo: install
+	bash tools/demo.sh
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf outputs data/demo/files pretrained/tiny/model

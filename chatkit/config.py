@@ -1,0 +1,158 @@
+"""Training configuration: a typed dataclass read from a YAML recipe plus `key=value` overrides.
+
+Every field has a docstring; `validate()` reports every problem at once, before any work starts.
+The resolved config is saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; lists every problem found."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "pretrained/tiny/model"
+    """Base model: a Hugging Face folder (see pretrained/<model>/prepare.py)."""
+    train_files: list[str] = field(default_factory=list)
+    """Conversation JSONL files to train on."""
+    val_files: list[str] = field(default_factory=list)
+    """Conversation JSONL files for validation loss (optional)."""
+    template: str = "openchatkit"
+    """Chat template name (chatkit.templates); embedded in every export."""
+    output_dir: str = "outputs/run"
+    """Where checkpoints, logs and metrics.jsonl go."""
+    deepspeed: str = "zero3"
+    """DeepSpeed config: a name in dsconfig/ (zero2, zero3, ...) or a path to a JSON file."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    max_length: int = 512
+    """Conversations longer than this many tokens are skipped (and counted)."""
+    micro_batch_size: int = 8
+    """Conversations per rank per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at learning_rate * min_lr_ratio."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    epochs: float = 1.0
+    """Passes over the training data (used when max_steps is 0)."""
+    max_steps: int = 0
+    """Optimizer steps; overrides epochs when positive."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end, when val_files is set)."""
+    log_every: int = 1
+    """Log a line every N steps."""
+    seed: int = 0
+    """Seed for data order and initialisation."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def validate(self, check_files: bool = True) -> list[str]:
+        errors = []
+        if not self.train_files:
+            errors.append("train_files: at least one training file is required")
+        for name in ("train_files", "val_files") if check_files else ():
+            errors += [f"{name}: no such file {f!r}" for f in getattr(self, name) if not Path(f).is_file()]
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            errors.append(f"precision: must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            errors.append(f"learning_rate: must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            errors.append("epochs: must be positive when max_steps is 0")
+        try:
+            from chatkit.templates import get_template
+
+            get_template(self.template)
+        except KeyError as e:
+            errors.append(f"template: {e.args[0]}")
+        return errors
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Check/convert a YAML value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(name, args[0], value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str | int | float):
+        return str(value)
+    raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+
+
+def load_config(path: str | None, overrides: list[str] = (), check_files: bool = True) -> TrainConfig:
+    """Read a YAML recipe, apply `key=value` overrides, validate; raise ConfigError listing all problems."""
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        raw[key.strip()] = yaml.safe_load(value) if value else ""
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    errors, values = [], {}
+    for key, value in raw.items():
+        if key not in known:
+            errors.append(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
+            continue
+        try:
+            values[key] = _coerce(key, hints[key], value)
+        except ConfigError as e:
+            errors.append(str(e))
+    cfg = TrainConfig(**values)
+    errors += cfg.validate(check_files)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid training config{where}:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    from chatkit.io import atomic_open
+
+    with atomic_open(path) as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Datasets: each turns its source rows into conversations (see chatkit.conversation)."""

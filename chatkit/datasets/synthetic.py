@@ -1,0 +1,92 @@
+"""The demo's synthetic chat tasks: small enough to learn in minutes on CPU, checkable by exact match.
+
+- add:     "What is 37 + 48?" -> "85"
+- reverse: "Reverse the words: red fish blue" -> "blue fish red"
+- name:    multi-turn; the user gives a name, asks something else, then asks for the name back
+- number:  multi-turn; the user gives a number to remember, then asks for it back
+The answers of the multi-turn tasks depend on an earlier turn.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from chatkit.conversation import Conversation, Message
+
+WORDS = (
+    "apple river stone cloud green tiger music paper light table window garden yellow silver ocean "
+    "forest candle rabbit orange winter summer bridge castle dragon engine flower guitar hammer island "
+    "jacket kettle lemon mirror needle pencil rocket shadow tomato violin wallet basket button camera "
+    "circle desert finger ladder marble pillow planet puzzle saddle socket spider sugar tunnel"
+).split()
+NAMES = (
+    "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Liam Maria Noah Olivia Peter Quinn "
+    "Rosa Sam Tina Umar Vera Walter Xena Yusuf Zoe Aaron Bella Carlos Diana Ethan Fiona George Hannah "
+    "Ivan Julia Kevin Laura Martin Nina Oscar Paula Ravi Sofia Tom Ursula Victor Wendy Yara Zack"
+).split()
+
+
+def _add(rng: random.Random) -> list[Message]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return [Message("user", f"What is {a} + {b}?"), Message("assistant", str(a + b))]
+
+
+def _reverse(rng: random.Random) -> list[Message]:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return [
+        Message("user", "Reverse the words: " + " ".join(words)),
+        Message("assistant", " ".join(reversed(words))),
+    ]
+
+
+def _name(rng: random.Random) -> list[Message]:
+    name = rng.choice(NAMES)
+    return [
+        Message("user", f"Hi, my name is {name}."),
+        Message("assistant", f"Nice to meet you, {name}!"),
+        *_reverse(rng),
+        Message("user", "What is my name?"),
+        Message("assistant", name),
+    ]
+
+
+def _number(rng: random.Random) -> list[Message]:
+    n = str(rng.randint(100, 9999))
+    return [
+        Message("user", f"Please remember the number {n}."),
+        Message("assistant", "OK, I will remember it."),
+        *_add(rng),
+        Message("user", "Which number did I ask you to remember?"),
+        Message("assistant", n),
+    ]
+
+
+TASKS: dict[str, Callable[[random.Random], list[Message]]] = {
+    "add": _add,
+    "reverse": _reverse,
+    "name": _name,
+    "number": _number,
+}
+
+
+def _key(msgs: list[Message]) -> tuple[str, ...]:
+    return tuple(m.content for m in msgs if m.role == "user")
+
+
+def make_splits(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Conversation], list[Conversation]]:
+    """Train and held-out conversations, tasks in equal shares; no held-out prompt occurs in train."""
+    rng = random.Random(seed)
+    names = list(TASKS)
+    heldout, seen = [], set()
+    for i in range(n_heldout):
+        msgs = TASKS[names[i % len(names)]](rng)
+        seen.add(_key(msgs))
+        heldout.append(Conversation(tuple(msgs), f"synthetic/{names[i % len(names)]}"))
+    train: list[Conversation] = []
+    while len(train) < n_train:
+        task = names[len(train) % len(names)]
+        msgs = TASKS[task](rng)
+        if _key(msgs) not in seen:
+            train.append(Conversation(tuple(msgs), f"synthetic/{task}"))
+    return train, heldout

@@ -1,0 +1,71 @@
+"""Tokenization with per-message labels.
+
+The rendered conversation is tokenized as one string and each token is labelled by the `trained`
+flag of the segment (message piece) it falls in, so labels are exact by construction. Inference encodes prompts with the same function, so the
+token sequence a model sees at chat time is the one it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from chatkit.conversation import Message
+from chatkit.templates import ChatTemplate, Segment
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    """Same length as `input_ids`; IGNORE_INDEX where no loss is taken."""
+
+    @property
+    def num_trained(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def special_tokens(tokenizer) -> tuple[str, str]:
+    """The (eos, bos) strings a template's `{eos}`/`{bos}` stand for."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no eos token; chat templates need one to end replies")
+    return tokenizer.eos_token, tokenizer.bos_token or ""
+
+
+def encode_segments(tokenizer, segments: Sequence[Segment]) -> Encoded:
+    """Tokenize the joined text once; label each token by the segment its last character falls in.
+
+    Encoding the whole string (not segment by segment) gives exactly the tokens that
+    `apply_chat_template` and other inference stacks produce. The segment spans come from rendering,
+    never from searching the text. Needs a fast tokenizer (character offsets).
+    """
+    text = "".join(s.text for s in segments)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained_upto: list[tuple[int, bool]] = []  # (segment end, trained)
+    pos = 0
+    for seg in segments:
+        pos += len(seg.text)
+        trained_upto.append((pos, seg.trained))
+    labels, k = [], 0
+    for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+        last = max(end - 1, start)
+        while k < len(trained_upto) - 1 and last >= trained_upto[k][0]:
+            k += 1
+        labels.append(tok if trained_upto[k][1] else IGNORE_INDEX)
+    return Encoded(list(enc["input_ids"]), labels)
+
+
+def encode_conversation(tokenizer, template: ChatTemplate, messages: Sequence[Message]) -> Encoded:
+    """Token ids and labels for training on one conversation."""
+    eos, bos = special_tokens(tokenizer)
+    return encode_segments(tokenizer, template.segments(messages, eos, bos))
+
+
+def encode_prompt(tokenizer, template: ChatTemplate, messages: Sequence[Message]) -> list[int]:
+    """Token ids of a chat prompt ending with the assistant's generation prompt."""
+    eos, bos = special_tokens(tokenizer)
+    return encode_segments(
+        tokenizer, template.segments(messages, eos, bos, add_generation_prompt=True)
+    ).input_ids

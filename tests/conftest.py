@@ -1,0 +1,87 @@
+"""Shared fixtures: the shared test data folder and small tokenizers whose ids can be worked out by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tokenizers import Regex, Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+PAD = "<|padding|>"
+
+# Ids are what the tests write as literals: keep this table and the tests in step.
+WORDLEVEL_VOCAB: dict[str, int] = {
+    "[UNK]": 0,
+    EOS: 1,
+    PAD: 2,
+    "<human>:": 3,
+    "<bot>:": 4,
+    "\n": 5,
+    "hi": 6,
+    "there": 7,
+    "hello": 8,
+    "how": 9,
+    "are": 10,
+    "you": 11,
+    "fine": 12,
+    "thanks": 13,
+    "be": 14,
+    "brief": 15,
+}
+
+
+def _build_wordlevel_tokenizer(eos_token: str | None = EOS, pad_token: str | None = PAD):
+    tok = Tokenizer(WordLevel(dict(WORDLEVEL_VOCAB), unk_token="[UNK]"))
+    # Spaces only separate words (they never become tokens); every "\n" is a token of its own. So
+    # "<human>: hi there\n<bot>: hello<|endoftext|>\n" -> <human>: hi there \n <bot>: hello EOS \n.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(" +"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+        ]
+    )
+    # Special added tokens are matched inside running text before pre-tokenization.
+    tok.add_special_tokens([EOS, PAD])
+    kwargs = {}
+    if eos_token is not None:
+        kwargs["eos_token"] = eos_token
+    if pad_token is not None:
+        kwargs["pad_token"] = pad_token
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+@pytest.fixture
+def make_wordlevel_tokenizer() -> Callable[..., PreTrainedTokenizerFast]:
+    """Factory for variants of the word-level tokenizer (e.g. one without an eos token)."""
+    return _build_wordlevel_tokenizer
+
+
+@pytest.fixture
+def wordlevel_tokenizer() -> PreTrainedTokenizerFast:
+    tok = _build_wordlevel_tokenizer()
+    # Guard the hand-computed ids the tests rely on.
+    assert tok.eos_token == EOS and tok.eos_token_id == 1
+    assert tok.pad_token == PAD and tok.pad_token_id == 2
+    assert tok.bos_token is None
+    return tok
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared test data not found at {path} (expected ../shared/data beside the repository)")
+    return path
+
+
+@pytest.fixture
+def neox_tokenizer(shared_data: Path) -> PreTrainedTokenizerFast:
+    """The GPT-NeoX-20B tokenizer OpenChatKit models use; a fresh instance per test (tests set chat_template)."""
+    file = shared_data / "20B_tokenizer.json"
+    if not file.is_file():
+        pytest.skip(f"{file} not found")
+    return PreTrainedTokenizerFast(tokenizer_file=str(file), eos_token=EOS, bos_token=EOS)

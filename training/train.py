@@ -1,0 +1,34 @@
+"""Fine-tune a chat model with DeepSpeed. Start it through the deepspeed launcher, e.g.
+
+    training/finetune_tiny.sh                       # picks GPUs or CPU ranks for you
+    deepspeed --num_gpus 2 training/train.py --config config/tiny.yaml max_steps=100 precision=bf16
+
+Settings come from the YAML recipe, then `key=value` overrides (see chatkit/config.py for every field).
+"""
+
+import argparse
+import sys
+import warnings
+
+from chatkit.config import ConfigError, load_config
+from chatkit.trainer import train
+
+# torch's gloo path warns on every collective DeepSpeed makes; the message is not actionable here.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML recipe in config/")
+    p.add_argument("overrides", nargs="*", help="key=value settings that override the recipe")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    args = p.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
