@@ -121,7 +121,6 @@ class ChatEngine:
         self.template = template
         self.device = device or next(model.parameters()).device
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.stop_strings = tuple(template.stop_strings)
         self.eos_ids = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_ids |= set(

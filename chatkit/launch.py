@@ -66,11 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and command only")
     args = p.parse_args(argv)
 
-    cmd, env = build_command(args)
-    if args.dry_run:
-        from chatkit.config import load_config
+    from chatkit.config import ConfigError, load_config
 
-        cfg = load_config(args.recipe, args.overrides, check_files=False)
+    cmd, env = build_command(args)
+    try:  # fail here, once, rather than in every rank after the launch
+        cfg = load_config(args.recipe, args.overrides, check_files=not args.dry_run)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if args.dry_run:
         print("# resolved config")
         print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
         extra = {k: env[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env}

@@ -33,7 +33,9 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     train, _ = make_splits(256, 8, seed=1)
     write_conversations(root / "train.jsonl", train)
-    prepare_tiny([str(root / "train.jsonl")], str(root / "base"), vocab_size=400, layers=2, hidden=64, heads=4)
+    prepare_tiny(
+        [str(root / "train.jsonl")], str(root / "base"), vocab_size=400, layers=2, hidden=64, heads=4
+    )
     cmd = [
         sys.executable, "-m", "chatkit.launch", "config/tiny.yaml",
         f"model={root / 'base'}", f"train_files=[{root / 'train.jsonl'}]", f"output_dir={root / 'run'}",
@@ -104,7 +106,9 @@ def test_export_reloads_with_transformers_and_chats(run):
     assert any(not torch.equal(base[n], trained[n]) for n in trained)  # training changed the weights
 
     msgs = [{"role": "user", "content": "What is 2 + 3?"}]
-    hf_ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    hf_ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     assert list(hf_ids) == encode_prompt(tok, template, [Message("user", "What is 2 + 3?")])
 
     bot = subprocess.run(
