@@ -81,11 +81,14 @@ class TrainConfig:
         for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:  # written so NaN fails too
             errors.append(f"learning_rate: must be positive, got {self.learning_rate}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             errors.append(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
-        if self.max_steps == 0 and self.epochs <= 0:
+        if self.max_steps == 0 and not self.epochs > 0:
             errors.append("epochs: must be positive when max_steps is 0")
         try:
             from chatkit.templates import get_template

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (with --hostfile)")
     p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and command only")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags and key=value overrides in any order
 
     from chatkit.config import ConfigError, load_config
 

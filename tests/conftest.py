@@ -85,3 +85,25 @@ def neox_tokenizer(shared_data: Path) -> PreTrainedTokenizerFast:
     if not file.is_file():
         pytest.skip(f"{file} not found")
     return PreTrainedTokenizerFast(tokenizer_file=str(file), eos_token=EOS, bos_token=EOS)
+
+
+# --- a real tiny model (random weights, locally trained BPE tokenizer) -----------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random GPT-NeoX Hugging Face folder (2 layers, hidden 64, vocab 300, context 512)
+    with a BPE tokenizer trained on the synthetic tasks and chatkit.json naming openchatkit."""
+    from chatkit.pretrained import prepare_tiny
+
+    out = tmp_path_factory.mktemp("tiny_model") / "tiny"
+    prepare_tiny(corpus=[], out=str(out), vocab_size=300, layers=2, hidden=64, heads=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path):
+    """A ChatEngine on the tiny model, on CPU (shared: the engine keeps no per-conversation state)."""
+    from chatkit.chat import ChatEngine
+
+    return ChatEngine.from_pretrained(tiny_model_dir, device="cpu")

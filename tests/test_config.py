@@ -1,0 +1,391 @@
+"""Training config: YAML + key=value overrides, validation that reports every problem, the DeepSpeed
+preset resolution and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chatkit.config import ConfigError, TrainConfig, load_config, save_config
+from chatkit.trainer import lr_lambda, resolve_ds_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "config").glob("*.yaml"))
+DS_PRESETS = sorted((REPO / "dsconfig").glob("*.json"))
+
+
+@pytest.fixture
+def data_files(tmp_path: Path) -> tuple[str, str]:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for f in (a, b):
+        f.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    return str(a), str(b)
+
+
+@pytest.fixture
+def recipe(tmp_path: Path, data_files: tuple[str, str]) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "train_files": [data_files[0]],
+                "micro_batch_size": 4,
+                "learning_rate": 0.002,
+                "precision": "fp32",
+                "output_dir": str(tmp_path / "out"),
+            }
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def _errors(excinfo: pytest.ExceptionInfo[ConfigError]) -> str:
+    return str(excinfo.value)
+
+
+# --- reading YAML and overrides -------------------------------------------------------------------
+
+
+def test_yaml_is_read_and_defaults_fill_the_rest(recipe: Path, data_files):
+    cfg = load_config(str(recipe))
+    assert cfg.train_files == [data_files[0]]
+    assert cfg.micro_batch_size == 4 and isinstance(cfg.micro_batch_size, int)
+    assert cfg.learning_rate == 0.002
+    # Untouched fields keep the dataclass defaults.
+    assert cfg.gradient_accumulation_steps == TrainConfig.gradient_accumulation_steps
+    assert cfg.template == "openchatkit"
+
+
+def test_overrides_are_yaml_typed(recipe: Path):
+    cfg = load_config(
+        str(recipe),
+        ["micro_batch_size=16", "learning_rate=3.0e-3", "epochs=2", "min_lr_ratio=0.5", "precision=bf16"],
+    )
+    assert cfg.micro_batch_size == 16 and type(cfg.micro_batch_size) is int
+    assert cfg.learning_rate == pytest.approx(3.0e-3) and type(cfg.learning_rate) is float
+    # An int given for a float field becomes a float.
+    assert cfg.epochs == 2.0 and type(cfg.epochs) is float
+    assert cfg.min_lr_ratio == 0.5
+    assert cfg.precision == "bf16"
+
+
+def test_override_whitespace_around_key_and_value(recipe: Path):
+    cfg = load_config(str(recipe), [" max_steps = 12"])
+    assert cfg.max_steps == 12
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("3e-4", 3e-4), ("1e-4", 1e-4), ("3.0e3", 3000.0), ("2E-5", 2e-5)]
+)
+def test_override_floats_in_exponent_form(recipe: Path, value: str, expected: float):
+    # YAML 1.1 alone reads "3e-4" (no dot) as a string; a float setting must still take it.
+    cfg = load_config(str(recipe), [f"learning_rate={value}"])
+    assert cfg.learning_rate == pytest.approx(expected) and type(cfg.learning_rate) is float
+
+
+def test_recipe_float_in_exponent_form(tmp_path: Path, data_files):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"train_files: [{data_files[0]}]\nlearning_rate: 1e-4\n", encoding="utf-8")
+    assert load_config(str(path)).learning_rate == pytest.approx(1e-4)
+
+
+def test_exponent_form_is_not_taken_for_int_settings(recipe: Path):
+    with pytest.raises(ConfigError, match="max_steps: expected int"):
+        load_config(str(recipe), ["max_steps=1e3"])
+
+
+@pytest.mark.parametrize(
+    "override", ["learning_rate=.nan", "epochs=.nan", "grad_clip=-1", "weight_decay=-0.1"]
+)
+def test_nan_and_negative_values_are_rejected(recipe: Path, override: str):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(str(recipe), [override])
+
+
+def test_list_override_flow_form(recipe: Path, data_files):
+    a, b = data_files
+    cfg = load_config(str(recipe), [f"train_files=[{a},{b}]"])
+    assert cfg.train_files == [a, b]
+
+
+def test_list_override_comma_form(recipe: Path, data_files):
+    a, b = data_files
+    cfg = load_config(str(recipe), [f"train_files={a},{b}", f"val_files={b}"])
+    assert cfg.train_files == [a, b]
+    assert cfg.val_files == [b]
+
+
+def test_overrides_apply_in_order_last_wins(recipe: Path):
+    cfg = load_config(str(recipe), ["max_steps=3", "max_steps=9"])
+    assert cfg.max_steps == 9
+
+
+def test_no_recipe_only_overrides(data_files):
+    cfg = load_config(None, [f"train_files={data_files[0]}", "seed=7"])
+    assert cfg.seed == 7 and cfg.train_files == [data_files[0]]
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_unknown_key_is_named_with_known_keys(recipe: Path):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe), ["bogus=1"])
+    msg = _errors(e)
+    assert "bogus: unknown setting" in msg
+    assert "micro_batch_size" in msg  # the known settings are listed
+    assert str(recipe) in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("micro_batch_size=abc", "micro_batch_size"),
+        ("micro_batch_size=1.5", "micro_batch_size"),
+        ("epochs=true", "epochs"),
+        ("max_steps=yes", "max_steps"),
+        ("learning_rate=fast", "learning_rate"),
+        ("train_files={a: 1}", "train_files"),
+    ],
+)
+def test_wrong_type_is_named(recipe: Path, override: str, field: str):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe), [override])
+    assert f"{field}: expected" in _errors(e)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("precision=fp8", "precision: must be fp32, bf16 or fp16"),
+        ("micro_batch_size=0", "micro_batch_size: must be at least 1"),
+        ("gradient_accumulation_steps=-1", "gradient_accumulation_steps: must be at least 1"),
+        ("max_length=0", "max_length: must be at least 1"),
+        ("min_lr_ratio=2", "min_lr_ratio: must be within [0, 1]"),
+        ("min_lr_ratio=-0.1", "min_lr_ratio: must be within [0, 1]"),
+        ("learning_rate=0", "learning_rate: must be positive"),
+        ("warmup_steps=-5", "warmup_steps: must be 0 or more"),
+        ("epochs=0", "epochs: must be positive"),
+        ("template=nope", "template: unknown chat template 'nope'"),
+        ("train_files=[]", "train_files: at least one training file is required"),
+        ("train_files=missing.jsonl", "train_files: no such file 'missing.jsonl'"),
+        ("val_files=[gone.jsonl]", "val_files: no such file 'gone.jsonl'"),
+    ],
+)
+def test_bad_values_are_named(recipe: Path, override: str, needle: str):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe), [override])
+    assert needle in _errors(e)
+
+
+def test_epochs_zero_is_fine_with_max_steps(recipe: Path):
+    assert load_config(str(recipe), ["epochs=0", "max_steps=5"]).max_steps == 5
+
+
+def test_unknown_template_lists_known_ones(recipe: Path):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe), ["template=nope"])
+    assert "openchatkit" in _errors(e)
+
+
+def test_several_problems_are_reported_together(recipe: Path):
+    overrides = [
+        "bogus=1",
+        "micro_batch_size=abc",
+        "epochs=true",
+        "precision=fp8",
+        "min_lr_ratio=2",
+        "template=nope",
+        "train_files=[missing.jsonl]",
+    ]
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe), overrides)
+    msg = _errors(e)
+    for needle in (
+        "bogus: unknown setting",
+        "micro_batch_size: expected int",
+        "epochs: expected float",
+        "precision: must be",
+        "min_lr_ratio: must be within",
+        "template: unknown chat template",
+        "train_files: no such file 'missing.jsonl'",
+    ):
+        assert needle in msg, f"{needle!r} missing from:\n{msg}"
+    # One problem per line, after the heading.
+    assert len(msg.splitlines()) == 1 + len(overrides)
+
+
+def test_override_without_equals_errors(recipe: Path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(str(recipe), ["max_steps"])
+
+
+def test_recipe_that_is_not_a_mapping(tmp_path: Path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(path))
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_check_files_false_skips_existence(recipe: Path):
+    overrides = ["train_files=[nowhere/train.jsonl]", "val_files=[nowhere/val.jsonl]"]
+    cfg = load_config(str(recipe), overrides, check_files=False)
+    assert cfg.train_files == ["nowhere/train.jsonl"]
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(recipe), overrides, check_files=True)
+
+
+def test_check_files_false_still_needs_a_train_file(recipe: Path):
+    with pytest.raises(ConfigError, match="at least one training file"):
+        load_config(str(recipe), ["train_files=[]"], check_files=False)
+
+
+def test_save_then_load_round_trips(tmp_path: Path, recipe: Path, data_files):
+    a, b = data_files
+    cfg = load_config(
+        str(recipe),
+        [
+            f"train_files=[{a},{b}]",
+            f"val_files=[{b}]",
+            "learning_rate=1.5e-7",
+            "epochs=2.5",
+            "precision=bf16",
+        ],
+    )
+    path = tmp_path / "saved" / "train_config.yaml"
+    save_config(cfg, path)
+    again = load_config(str(path))
+    assert again == cfg
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads(path: Path):
+    cfg = load_config(str(path), check_files=False)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.train_files
+    # Every key written in the recipe is a real setting with the value written there.
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key, value in raw.items():
+        assert getattr(cfg, key) == value, key
+
+
+def test_there_are_recipes_to_check():
+    assert {p.name for p in RECIPES} >= {"demo.yaml", "tiny.yaml"}
+
+
+# --- DeepSpeed presets ----------------------------------------------------------------------------
+
+
+def _walk(node, path=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("preset", DS_PRESETS, ids=[p.stem for p in DS_PRESETS])
+def test_resolve_ds_config_fills_every_auto(preset: Path, precision: str):
+    cfg = TrainConfig(
+        train_files=["x.jsonl"],
+        deepspeed=preset.stem,
+        precision=precision,
+        micro_batch_size=3,
+        gradient_accumulation_steps=5,
+        learning_rate=7e-4,
+        weight_decay=0.01,
+        grad_clip=0.5,
+    )
+    ds = resolve_ds_config(cfg, hidden_size=64)
+    autos = [p for p, v in _walk(ds) if v == "auto"]
+    assert autos == []
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 7e-4
+    assert ds["optimizer"]["params"]["weight_decay"] == 0.01
+    assert ds["bf16"]["enabled"] is (precision == "bf16")
+    assert ds["fp16"]["enabled"] is (precision == "fp16")
+    assert ds["zero_optimization"]["stage"] == int(preset.stem.removeprefix("zero"))
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    # Settings that were not "auto" are kept as written.
+    raw = yaml.safe_load(preset.read_text())
+    assert ds["optimizer"]["params"]["betas"] == raw["optimizer"]["params"]["betas"]
+
+
+def test_there_are_ds_presets():
+    assert {p.stem for p in DS_PRESETS} >= {"zero2", "zero3"}
+
+
+def test_resolve_ds_config_zero3_bucket_sizes_follow_hidden_size():
+    ds = resolve_ds_config(TrainConfig(train_files=["x"], deepspeed="zero3"), hidden_size=100)
+    z = ds["zero_optimization"]
+    assert z["stage3_param_persistence_threshold"] == 1000
+    assert z["stage3_prefetch_bucket_size"] == 9000
+    assert z["reduce_bucket_size"] == 10000
+
+
+def test_resolve_ds_config_accepts_a_path(tmp_path: Path):
+    path = tmp_path / "mine.json"
+    path.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}}')
+    ds = resolve_ds_config(TrainConfig(train_files=["x"], deepspeed=str(path), micro_batch_size=6), 32)
+    assert ds == {"train_micro_batch_size_per_gpu": 6, "zero_optimization": {"stage": 1}}
+
+
+def test_resolve_ds_config_unknown_auto_field(tmp_path: Path):
+    path = tmp_path / "odd.json"
+    path.write_text('{"mystery": "auto"}')
+    with pytest.raises(ValueError, match="mystery"):
+        resolve_ds_config(TrainConfig(train_files=["x"], deepspeed=str(path)), 32)
+
+
+def test_resolve_ds_config_unknown_name_lists_known():
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_ds_config(TrainConfig(train_files=["x"], deepspeed="zero9"), 64)
+    msg = str(e.value)
+    assert "zero9" in msg
+    for p in DS_PRESETS:
+        assert p.stem in msg
+
+
+# --- learning-rate schedule -----------------------------------------------------------------------
+
+
+def test_lr_warmup_is_linear_then_peaks():
+    f = lr_lambda(total_steps=100, warmup=10, min_ratio=0.1)
+    warm = [f(s) for s in range(10)]
+    assert warm[0] == pytest.approx(0.1)
+    steps = [b - a for a, b in zip(warm, warm[1:], strict=False)]
+    assert all(d == pytest.approx(0.1) for d in steps)
+    assert all(0 < w <= 1 for w in warm)
+    assert f(10) == pytest.approx(1.0)  # peak right after warm-up
+
+
+def test_lr_cosine_decays_monotonically_to_min_ratio():
+    f = lr_lambda(total_steps=100, warmup=10, min_ratio=0.1)
+    decay = [f(s) for s in range(10, 101)]
+    assert all(b <= a + 1e-12 for a, b in zip(decay, decay[1:], strict=False))
+    assert f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert f(1000) == pytest.approx(0.1)  # past the end it stays at the floor
+
+
+def test_lr_without_warmup_starts_at_peak():
+    f = lr_lambda(total_steps=50, warmup=0, min_ratio=0.0)
+    assert f(0) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(0.0, abs=1e-12)
+    assert f(25) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))

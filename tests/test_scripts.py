@@ -1,0 +1,218 @@
+"""The entry scripts: --help everywhere, the launcher's --dry-run, early config errors, data preparation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatkit import launch
+from chatkit.conversation import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+PY_SCRIPTS = [
+    "training/train.py",
+    "inference/bot.py",
+    "tools/convert_to_hf.py",
+    "tools/evaluate.py",
+    "data/demo/prepare.py",
+    "pretrained/tiny/prepare.py",
+]
+SH_SCRIPTS = ["training/finetune_demo.sh", "training/finetune_tiny.sh"]
+NO_GPU = torch.cuda.device_count() == 0
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CHATKIT_CPU_RANKS", "MASTER_PORT")}
+    env["PYTHON"] = sys.executable  # the shell scripts run the interpreter the tests run under
+    return env
+
+
+def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def sh(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("bash", script, *args)
+
+
+# --- --help ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", PY_SCRIPTS)
+def test_python_script_help(script: str):
+    proc = run(sys.executable, script, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: ")
+    assert "--help" in proc.stdout
+
+
+@pytest.mark.parametrize("script", SH_SCRIPTS)
+def test_shell_script_help(script: str):
+    proc = sh(script, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: ")
+    assert "--dry-run" in proc.stdout and "--cpu-ranks" in proc.stdout
+
+
+# --- the launcher's --dry-run ---------------------------------------------------------------------
+
+
+def _command_line(stdout: str) -> str:
+    lines = stdout.splitlines()
+    return lines[lines.index("# command") + 1]
+
+
+def test_finetune_tiny_dry_run():
+    proc = sh("training/finetune_tiny.sh", "max_steps=7", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.startswith("# resolved config\n")
+    assert "\nmax_steps: 7\n" in out
+    assert "\nmax_length: 256\n" in out  # from config/tiny.yaml
+    cmd = _command_line(out)
+    assert "-m deepspeed.launcher.runner" in cmd
+    assert cmd.endswith("training/train.py --config config/tiny.yaml max_steps=7")
+    if NO_GPU:
+        assert cmd.startswith("DS_ACCELERATOR=cpu ")
+        assert "--num_gpus 2 " in cmd
+    else:
+        assert "DS_ACCELERATOR" not in cmd
+        assert f"--num_gpus {torch.cuda.device_count()} " in cmd
+
+
+@pytest.mark.parametrize(
+    "args", [["--dry-run", "max_steps=7"], ["--cpu-ranks", "1", "max_steps=7", "--dry-run"]]
+)
+def test_finetune_tiny_dry_run_flags_before_overrides(args: list[str]):
+    proc = sh("training/finetune_tiny.sh", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\nmax_steps: 7\n" in proc.stdout
+
+
+def test_finetune_demo_dry_run_uses_demo_recipe():
+    proc = sh("training/finetune_demo.sh", "--dry-run", "--num-gpus", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\nmax_length: 128\n" in proc.stdout  # config/demo.yaml
+    cmd = _command_line(proc.stdout)
+    assert cmd.endswith("training/train.py --config config/demo.yaml")
+    assert cmd.startswith("DS_ACCELERATOR=cpu ") and "--num_gpus 2 " in cmd
+
+
+def test_dry_run_bad_override_fails_naming_the_setting():
+    proc = sh("training/finetune_tiny.sh", "precision=fp8", "--dry-run")
+    assert proc.returncode != 0
+    assert "precision: must be fp32, bf16 or fp16" in proc.stderr
+    assert "# command" not in proc.stdout
+
+
+def _dry_run(capsys, monkeypatch, *argv: str) -> str:
+    """chatkit.launch in-process (what the shell scripts exec), with a clean environment."""
+    monkeypatch.delenv("CHATKIT_CPU_RANKS", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.chdir(REPO)
+    launch.main(["config/tiny.yaml", *argv, "--dry-run"])
+    return _command_line(capsys.readouterr().out)
+
+
+def test_dry_run_forced_cpu(capsys, monkeypatch):
+    cmd = _dry_run(capsys, monkeypatch, "--num-gpus", "0")
+    assert cmd.startswith("DS_ACCELERATOR=cpu ")
+    assert "--num_gpus 2 " in cmd and "--master_port 29500 " in cmd
+    # One thread per rank's share of the cores.
+    assert f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)} " in cmd
+
+
+def test_dry_run_cpu_ranks(capsys, monkeypatch):
+    cmd = _dry_run(capsys, monkeypatch, "--num-gpus", "0", "--cpu-ranks", "1")
+    assert "--num_gpus 1 " in cmd
+    assert f"OMP_NUM_THREADS={os.cpu_count() or 1} " in cmd
+
+
+def test_dry_run_cpu_ranks_from_environment(capsys, monkeypatch):
+    monkeypatch.setenv("CHATKIT_CPU_RANKS", "3")
+    monkeypatch.chdir(REPO)
+    launch.main(["config/tiny.yaml", "--num-gpus", "0", "--dry-run"])
+    assert "--num_gpus 3 " in _command_line(capsys.readouterr().out)
+
+
+def test_dry_run_default_counts_the_gpus(capsys, monkeypatch):
+    cmd = _dry_run(capsys, monkeypatch)
+    if NO_GPU:
+        assert cmd.startswith("DS_ACCELERATOR=cpu ") and "--num_gpus 2 " in cmd
+    else:
+        assert f"--num_gpus {torch.cuda.device_count()} " in cmd
+
+
+def test_dry_run_hostfile(capsys, monkeypatch):
+    cmd = _dry_run(capsys, monkeypatch, "--hostfile", "h", "--node-rank", "1", "--master-addr", "10.0.0.1")
+    assert "--hostfile h " in cmd
+    assert "--node_rank 1 " in cmd
+    assert "--no_ssh " in cmd
+    assert "--master_addr 10.0.0.1 " in cmd
+    assert "--num_gpus" not in cmd
+
+
+def test_dry_run_master_port(capsys, monkeypatch):
+    cmd = _dry_run(capsys, monkeypatch, "--master-port", "29611")
+    assert "--master_port 29611 " in cmd
+
+
+# --- training/train.py fails early on a bad config ------------------------------------------------
+
+
+def test_train_rejects_unknown_setting_before_starting():
+    proc = run(sys.executable, "training/train.py", "--config", "config/demo.yaml", "bogus=1")
+    assert proc.returncode != 0
+    assert "bogus: unknown setting" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a clean message, not a crash
+    assert "init_distributed" not in proc.stderr and "Initializing TorchBackend" not in proc.stderr
+
+
+# --- data/demo/prepare.py -------------------------------------------------------------------------
+
+
+def _user_key(conv) -> tuple[str, ...]:
+    return tuple(m.content for m in conv.messages if m.role == "user")
+
+
+def test_demo_prepare_writes_disjoint_splits(tmp_path: Path):
+    out = tmp_path / "demo"
+    proc = run(sys.executable, "data/demo/prepare.py", "--out", str(out), "--train", "400", "--heldout", "40")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote 400 train and 40 held-out conversations" in proc.stdout
+    train, held = read_jsonl(out / "train.jsonl"), read_jsonl(out / "heldout.jsonl")
+    assert len(train) == 400 and len(held) == 40
+    # No held-out user prompt sequence occurs in train.
+    held_keys = {_user_key(c) for c in held}
+    assert len(held_keys) > 1
+    assert not held_keys & {_user_key(c) for c in train}
+    # Tasks in equal shares; every conversation ends with the assistant's answer.
+    sources = [c.source for c in held]
+    assert {sources.count(s) for s in set(sources)} == {10}
+    assert all(c.messages[-1].role == "assistant" for c in [*train, *held])
+
+
+def test_demo_prepare_is_seeded(tmp_path: Path):
+    outs = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        run(
+            sys.executable,
+            "data/demo/prepare.py",
+            "--out",
+            str(tmp_path / name),
+            "--train",
+            "20",
+            "--heldout",
+            "8",
+            "--seed",
+            seed,
+        ).check_returncode()
+        outs.append((tmp_path / name / "heldout.jsonl").read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
