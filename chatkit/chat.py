@@ -143,7 +143,7 @@ class ChatEngine:
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
-        return cls(model, tokenizer, get_template(name), dev)
+        return cls(model, tokenizer, get_template(name, tokenizer), dev)
 
     def prompt_ids(self, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
         """Encode the prompt, dropping the oldest whole turns (never the system prompt) to fit."""

@@ -25,7 +25,7 @@ class TrainConfig:
     model: str = "pretrained/tiny/model"
     """Base model: a Hugging Face folder (see pretrained/<model>/prepare.py)."""
     train_files: list[str] = field(default_factory=list)
-    """Conversation JSONL files to train on."""
+    """Conversation JSONL files to train on; `path:weight` entries make a weighted mixture."""
     val_files: list[str] = field(default_factory=list)
     """Conversation JSONL files for validation loss (optional)."""
     template: str = "openchatkit"
@@ -37,7 +37,15 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32, bf16 or fp16."""
     max_length: int = 512
-    """Conversations longer than this many tokens are skipped (and counted)."""
+    """Sequence length: the longest conversation, and the length of a packed row."""
+    overlong: str = "drop"
+    """Conversations over max_length: drop, or truncate by whole turns (both are counted)."""
+    pack: bool = True
+    """Pack whole conversations into rows of max_length (block-diagonal attention keeps them apart)."""
+    tokenize_procs: int = 0
+    """Processes for tokenization (0: one per CPU core, at most 8)."""
+    cache_dir: str = ""
+    """Tokenized-data cache (default: $CHATKIT_CACHE or ~/.cache/chatkit)."""
     micro_batch_size: int = 8
     """Conversations per rank per forward pass."""
     gradient_accumulation_steps: int = 1
@@ -64,21 +72,28 @@ class TrainConfig:
     """Log a line every N steps."""
     seed: int = 0
     """Seed for data order and initialisation."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
 
     def validate(self, check_files: bool = True) -> list[str]:
         errors = []
         if not self.train_files:
             errors.append("train_files: at least one training file is required")
-        for name in ("train_files", "val_files") if check_files else ():
-            errors += [f"{name}: no such file {f!r}" for f in getattr(self, name) if not Path(f).is_file()]
+        from chatkit.data import DataSource
+
+        for name in ("train_files", "val_files"):
+            for spec in getattr(self, name):
+                src = DataSource.parse(spec)
+                if check_files and not Path(src.path).is_file():
+                    errors.append(f"{name}: no such file {src.path!r}")
+                if src.weight is not None and not src.weight > 0:
+                    errors.append(f"{name}: weight of {src.path!r} must be positive, got {src.weight}")
+        if self.overlong not in ("drop", "truncate"):
+            errors.append(f"overlong: must be drop or truncate, got {self.overlong!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             errors.append(f"precision: must be fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "num_workers"):
+        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "tokenize_procs"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if not self.learning_rate > 0:  # written so NaN fails too
@@ -90,12 +105,12 @@ class TrainConfig:
             errors.append(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
         if self.max_steps == 0 and not self.epochs > 0:
             errors.append("epochs: must be positive when max_steps is 0")
-        try:
-            from chatkit.templates import get_template
+        from chatkit.templates import list_templates
 
-            get_template(self.template)
-        except KeyError as e:
-            errors.append(f"template: {e.args[0]}")
+        if self.template not in list_templates():
+            errors.append(
+                f"template: unknown chat template {self.template!r}; known: {', '.join(list_templates())}"
+            )
         return errors
 
 

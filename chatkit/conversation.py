@@ -85,19 +85,22 @@ def parse_conversation(obj: Any, where: str = "<input>") -> Conversation:
     return Conversation(tuple(out), source, extra)
 
 
+def parse_line(line: str, where: str) -> Conversation:
+    """One JSONL line -> a validated conversation; errors start with `where` (file:line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConversationError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return parse_conversation(obj, where)
+
+
 def iter_jsonl(path: str | Path) -> Iterator[Conversation]:
     """Yield validated conversations; stop at the first bad line with its file and line number."""
     path = Path(path)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConversationError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield parse_conversation(obj, where)
+            if line.strip():
+                yield parse_line(line, f"{path}:{lineno}")
 
 
 def read_jsonl(path: str | Path) -> list[Conversation]:

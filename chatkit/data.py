@@ -1,84 +1,392 @@
-"""Tokenized training data: conversations -> (input_ids, labels), sharded by rank, padded per batch."""
+"""Training data: conversation JSONL -> cached token arrays -> weighted mixture -> packed micro-batches.
+
+- Tokenization runs in several processes and is cached on disk under a key made from the source
+  file's bytes, the tokenizer, the template and this code's source, so a second run (and every rank
+  but the first) only loads arrays.
+- Conversations longer than `max_length` are dropped or truncated by whole turns, as the recipe says;
+  every one is counted.
+- A mixture lists files with weights (`path:weight`, OpenChatKit's form); each epoch draws from every
+  file in proportion to its weight.
+- Packing puts whole conversations into rows of `max_length` by best fit. Every token carries the id
+  of its conversation (segment) and its position within it, and attention is block-diagonal, so no
+  packed conversation attends to another: packed and unpacked losses are equal.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import multiprocessing as mp
+import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
-from loguru import logger
 from tqdm import tqdm
 
-from chatkit.conversation import iter_jsonl
-from chatkit.templates import ChatTemplate
+from chatkit.conversation import Message, parse_line
+from chatkit.io import atomic_open, write_json
 from chatkit.tokenization import IGNORE_INDEX, Encoded, encode_conversation
+
+CHUNK = 512  # conversations per worker task
+OUTCOMES = ("ok", "truncated", "too_long", "untrained", "empty_message")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str
+    weight: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> DataSource:
+        """`file.jsonl` or `file.jsonl:0.5` (a trailing number after the last colon is a weight)."""
+        path, sep, tail = spec.rpartition(":")
+        if sep:
+            try:
+                return cls(path, float(tail))
+            except ValueError:
+                pass
+        return cls(spec, None)
 
 
 @dataclass
-class TokenizedData:
-    examples: list[Encoded]
-    skipped_too_long: int
-    skipped_untrained: int
+class TokenizedSet:
+    """One file's conversations as flat arrays: example i is tokens[offsets[i]:offsets[i+1]]."""
+
+    tokens: np.ndarray
+    trained: np.ndarray
+    offsets: np.ndarray
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> Encoded:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = self.tokens[a:b].tolist()
+        return Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, self.trained[a:b], strict=True)])
 
 
-def tokenize_files(
-    files: Sequence[str], tokenizer, template: ChatTemplate, max_length: int, show_progress: bool = True
-) -> TokenizedData:
-    """Tokenize every conversation of `files`; skip (and count) those too long or with nothing trained."""
-    examples, too_long, untrained = [], 0, 0
-    for path in files:
-        for conv in tqdm(iter_jsonl(path), desc=f"tokenize {path}", disable=not show_progress, leave=False):
-            enc = encode_conversation(tokenizer, template, conv.messages)
-            if len(enc.input_ids) > max_length:
-                too_long += 1
-            elif enc.num_trained == 0:
-                untrained += 1
-            else:
-                examples.append(enc)
-    if too_long or untrained:
-        logger.warning(
-            f"skipped {too_long} conversations over {max_length} tokens, {untrained} with no trained token"
-        )
-    return TokenizedData(examples, too_long, untrained)
+# ---------------------------------------------------------------- tokenization
 
 
-def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out and never trained."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def fit_conversation(tokenizer, template, messages: Sequence[Message], max_length: int, overlong: str):
+    """Encode; if too long, drop it or keep the longest prefix ending in an assistant turn that fits.
 
-
-def micro_batches(
-    examples: Sequence[Encoded],
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    pad_id: int,
-    start_epoch: int = 0,
-) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Endless (epoch, batch) stream for one rank.
-
-    Each epoch shuffles with `seed + epoch` (the same order on every rank), then rank r takes every
-    world_size-th batch, so ranks see disjoint data and the same number of batches.
+    Returns (Encoded or None, outcome) with outcome one of ok, truncated, too_long, untrained,
+    empty_message (a message with no text: almost always a conversion bug upstream).
     """
-    per_step = micro_batch_size * world_size
-    if len(examples) < per_step:
-        raise ValueError(f"{len(examples)} examples cannot fill one batch of {per_step} across ranks")
-    epoch = start_epoch
-    while True:
-        order = list(range(len(examples)))
-        random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(order) - per_step + 1, per_step):
-            mine = order[start + rank * micro_batch_size : start + (rank + 1) * micro_batch_size]
-            yield epoch, collate([examples[i] for i in mine], pad_id)
-        epoch += 1
+    if any(not m.content.strip() for m in messages):
+        return None, "empty_message"
+    enc = encode_conversation(tokenizer, template, messages)
+    outcome = "ok"
+    if len(enc.input_ids) > max_length:
+        if overlong != "truncate":
+            return None, "too_long"
+        ends = [i for i, m in enumerate(messages[:-1]) if m.role == "assistant"]
+        for end in reversed(ends):
+            enc = encode_conversation(tokenizer, template, messages[: end + 1])
+            if len(enc.input_ids) <= max_length:
+                outcome = "truncated"
+                break
+        else:
+            return None, "too_long"
+    if enc.num_trained == 0:
+        return None, "untrained"
+    return enc, outcome
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, template, max_length: int, overlong: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tokenizer=tokenizer, template=template, max_length=max_length, overlong=overlong)
+
+
+def _tokenize_chunk(args: tuple[str, int, list[str]]):
+    path, first_line, lines = args
+    w = _WORKER
+    ids: list[int] = []
+    trained: list[bool] = []
+    lengths: list[int] = []
+    stats = dict.fromkeys(OUTCOMES, 0)
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        conv = parse_line(line, f"{path}:{first_line + k}")
+        enc, outcome = fit_conversation(
+            w["tokenizer"], w["template"], conv.messages, w["max_length"], w["overlong"]
+        )
+        stats[outcome] += 1
+        if enc is not None:
+            ids += enc.input_ids
+            trained += [label != IGNORE_INDEX for label in enc.labels]
+            lengths.append(len(enc.input_ids))
+    return np.array(ids, np.int32), np.array(trained, np.bool_), np.array(lengths, np.int64), stats
+
+
+def _chunks(path: str) -> Iterator[tuple[str, int, list[str]]]:
+    with open(path, encoding="utf-8") as f:
+        batch: list[str] = []
+        first = 1
+        for lineno, line in enumerate(f, 1):
+            batch.append(line)
+            if len(batch) == CHUNK:
+                yield path, first, batch
+                batch, first = [], lineno + 1
+        if batch:
+            yield path, first, batch
+
+
+def _fingerprint(path: str, tokenizer, template, max_length: int, overlong: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    h.update(repr(sorted(tokenizer.all_special_tokens)).encode())
+    h.update(f"{template.name}\0{template.chat_template}\0{max_length}\0{overlong}".encode())
+    here = Path(__file__).parent
+    for module in ("data.py", "tokenization.py", "templates.py", "template_hf.py", "conversation.py"):
+        h.update((here / module).read_bytes())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CHATKIT_CACHE", Path.home() / ".cache" / "chatkit")) / "tokenized"
+
+
+def tokenize_file(
+    path: str,
+    tokenizer,
+    template,
+    max_length: int,
+    overlong: str = "drop",
+    num_proc: int = 1,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> TokenizedSet:
+    """Tokenize one conversation JSONL file (or load it from the cache)."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = _fingerprint(path, tokenizer, template, max_length, overlong)
+    entry = cache / f"{Path(path).stem}-{key}.npz"
+    if entry.is_file():
+        with np.load(entry, allow_pickle=False) as z:
+            stats = json.loads(str(z["stats"]))
+            return TokenizedSet(z["tokens"], z["trained"], z["offsets"], stats)
+    parts = []
+    bar = tqdm(desc=f"tokenize {path}", unit=" conv", disable=not show_progress, leave=False)
+    chunks = _chunks(path)
+    if num_proc > 1:
+        ctx = mp.get_context("fork")
+        with ctx.Pool(num_proc, _init_worker, (tokenizer, template, max_length, overlong)) as pool:
+            for part in pool.imap(_tokenize_chunk, chunks):
+                parts.append(part)
+                bar.update(sum(part[3].values()))
+    else:
+        _init_worker(tokenizer, template, max_length, overlong)
+        for chunk in chunks:
+            parts.append(_tokenize_chunk(chunk))
+            bar.update(sum(parts[-1][3].values()))
+    bar.close()
+    stats = {k: sum(p[3][k] for p in parts) for k in OUTCOMES}
+    lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
+    out = TokenizedSet(
+        np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32),
+        np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.bool_),
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        stats,
+    )
+    with atomic_open(entry, "wb") as f:
+        np.savez(f, tokens=out.tokens, trained=out.trained, offsets=out.offsets, stats=json.dumps(stats))
+    return out
+
+
+def describe(path: str, s: TokenizedSet, max_length: int) -> str:
+    st = s.stats
+    return (
+        f"{path}: {len(s)} conversations kept ({st.get('truncated', 0)} truncated by whole turns), "
+        f"dropped {st.get('too_long', 0)} over {max_length} tokens, {st.get('untrained', 0)} with nothing "
+        f"trained and {st.get('empty_message', 0)} with an empty message"
+    )
+
+
+# ---------------------------------------------------------------- mixing and packing
+
+
+def epoch_order(
+    sizes: Sequence[int], weights: Sequence[float] | None, seed: int, epoch: int
+) -> list[tuple[int, int]]:
+    """(file, example) pairs for one epoch, shuffled.
+
+    Without weights every example appears once. With weights an epoch has sum(sizes) examples and file
+    i contributes round(sum(sizes) * w_i / sum(w)) of them: a shuffled pass over the file, repeated if
+    it is over-sampled, cut short if under-sampled.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    total = sum(sizes)
+    counts = list(sizes) if weights is None else [round(total * w / sum(weights)) for w in weights]
+    order: list[tuple[int, int]] = []
+    for i, (size, n) in enumerate(zip(sizes, counts, strict=True)):
+        if size == 0 or n == 0:
+            continue
+        idx: list[int] = []
+        while len(idx) < n:
+            perm = list(range(size))
+            rng.shuffle(perm)
+            idx += perm
+        order += [(i, j) for j in idx[:n]]
+    rng.shuffle(order)
+    return order
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each item (longest first) goes into the fullest row it still fits in.
+
+    A segment tree over remaining capacities finds that row in O(log capacity).
+    """
+    size = 1
+    while size < capacity + 1:
+        size *= 2
+    tree = [0] * (2 * size)  # counts of open rows per remaining capacity
+    rows_at: list[list[int]] = [[] for _ in range(capacity + 1)]
+    rows: list[list[int]] = []
+
+    def add(cap: int, delta: int) -> None:
+        node = cap + size
+        while node:
+            tree[node] += delta
+            node //= 2
+
+    def first_at_least(lo: int) -> int:
+        """Smallest remaining capacity >= lo with an open row, or -1."""
+        if lo > capacity:
+            return -1
+        node = lo + size
+        if tree[node]:
+            return lo
+        while node > 1:  # climb until a right sibling holds rows
+            if node % 2 == 0 and tree[node + 1]:
+                node += 1
+                break
+            node //= 2
+        else:
+            return -1
+        while node < size:
+            node = 2 * node if tree[2 * node] else 2 * node + 1
+        return node - size
+
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
+        cap = first_at_least(n)
+        if cap < 0:
+            rows.append([i])
+            row, cap = len(rows) - 1, capacity
+        else:
+            row = rows_at[cap].pop()
+            add(cap, -1)
+            rows[row].append(i)
+        rest = cap - n
+        if rest > 0:
+            rows_at[rest].append(row)
+            add(rest, 1)
+    return rows
+
+
+def collate_rows(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of whole conversations -> input_ids, labels, position_ids, segment_ids (B, T).
+
+    Positions restart at 0 for every conversation. The first token of each conversation is never a
+    target (nothing before it in its own conversation predicts it). Padding gets segment -1-t, a
+    segment of its own per position, so its attention rows are never empty.
+    """
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros(shape, dtype=torch.long)
+    seg = -1 - torch.arange(width).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, e in enumerate(row):
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at : at + n] = torch.tensor(e.labels)
+            labels[r, at] = IGNORE_INDEX
+            pos[r, at : at + n] = torch.arange(n)
+            seg[r, at : at + n] = s
+            at += n
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg}
+
+
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) segment ids -> additive (B, 1, T, T) mask: 0 where a token may attend, dtype-min elsewhere.
+
+    A float mask (not boolean) because transformers' eager attention ignores boolean 4D masks.
+    """
+    t = segment_ids.size(1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@dataclass
+class Batches:
+    """Per-epoch micro-batches for one rank, identical in number on every rank."""
+
+    sets: list[TokenizedSet]
+    weights: list[float] | None
+    micro_batch_size: int
+    max_length: int
+    pack: bool
+    rank: int
+    world_size: int
+    seed: int
+    pad_id: int
+
+    def rows(self, epoch: int) -> list[list[tuple[int, int]]]:
+        order = epoch_order([len(s) for s in self.sets], self.weights, self.seed, epoch)
+        if not self.pack:
+            return [[item] for item in order]
+        lengths = [int(self.sets[f].lengths[j]) for f, j in order]
+        rows = [[order[k] for k in row] for row in pack_best_fit(lengths, self.max_length)]
+        random.Random(self.seed * 7919 + epoch).shuffle(rows)
+        return rows
+
+    def steps_per_epoch(self, accumulation: int) -> int:
+        return len(self.rows(0)) // (self.micro_batch_size * self.world_size * accumulation)
+
+    def stream(self, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Endless (epoch, batch); rank r takes every world_size-th slice of micro_batch_size rows."""
+        per = self.micro_batch_size * self.world_size
+        epoch = start_epoch
+        while True:
+            rows = self.rows(epoch)
+            if len(rows) < per:
+                raise ValueError(f"{len(rows)} rows cannot fill one batch of {per} across ranks")
+            for start in range(0, len(rows) - per + 1, per):
+                mine = rows[start + self.rank * self.micro_batch_size :][: self.micro_batch_size]
+                yield (
+                    epoch,
+                    collate_rows([[self.sets[f].example(j) for f, j in row] for row in mine], self.pad_id),
+                )
+            epoch += 1
+
+
+def save_data_stats(path: Path, sources: Sequence[DataSource], sets: Sequence[TokenizedSet]) -> None:
+    write_json(
+        path,
+        {s.path: {"weight": s.weight, "kept": len(t), **t.stats} for s, t in zip(sources, sets, strict=True)},
+    )

@@ -101,7 +101,7 @@ def export_hf(
     template_name = template or meta["template"]
     config = AutoConfig.from_pretrained(tag_dir)
     tokenizer = AutoTokenizer.from_pretrained(tag_dir)
-    tokenizer.chat_template = get_template(template_name).chat_template
+    tokenizer.chat_template = get_template(template_name, tokenizer).chat_template
     weights = load_deepspeed_weights(tag_dir)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     with torch.device("meta"):

@@ -111,7 +111,7 @@ def save_base(model, tokenizer, out: str | Path, template: str) -> None:
     from chatkit.io import atomic_dir, write_json
     from chatkit.templates import get_template
 
-    tokenizer.chat_template = get_template(template).chat_template
+    tokenizer.chat_template = get_template(template, tokenizer).chat_template
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

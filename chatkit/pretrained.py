@@ -14,7 +14,15 @@ def _corpus_texts(paths: Sequence[str], template: str) -> Iterator[str]:
     tpl = get_template(template)
     # The template's literal pieces, so markers like "<human>:" become single tokens.
     yield tpl.render([], "", "")
-    for piece in (tpl.system, tpl.user, tpl.assistant_prefix, tpl.assistant, tpl.separator):
+    pieces = (
+        tpl.system,
+        tpl.user,
+        tpl.user_after_system or "",
+        tpl.assistant_prefix,
+        tpl.assistant,
+        tpl.separator,
+    )
+    for piece in pieces:
         yield piece.replace("{content}", " ").replace("{eos}", "").replace("{bos}", "")
     if not paths:
         from chatkit.datasets.synthetic import make_splits
@@ -43,7 +51,8 @@ def prepare_tiny(
 ) -> int:
     """Train a tokenizer on `corpus`, build the tiny model, save both to `out`; returns #params."""
     spec = get_model_spec("tiny")
-    tokenizer = train_tokenizer(_corpus_texts(corpus, template), vocab_size)
+    tpl = get_template(template)
+    tokenizer = train_tokenizer(_corpus_texts(corpus, template), vocab_size, extra_tokens=tpl.special_tokens)
     overrides = {}
     if layers:
         overrides["num_hidden_layers"] = layers

@@ -5,6 +5,9 @@ A template is a set of pieces. `{content}` marks where a message's text goes; `{
 for the tokenizer's special tokens (Jinja's `eos_token`/`bos_token`). Rendering yields *segments*,
 each flagged trained or not, so labels are built per message at tokenization time instead of by
 searching the rendered string for markers.
+
+Besides the named templates there is `hf`: the base tokenizer's own `chat_template`
+(`get_template("hf", tokenizer)`, see chatkit/template_hf.py).
 """
 
 from __future__ import annotations
@@ -12,10 +15,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from chatkit.conversation import Message
 
+if TYPE_CHECKING:
+    from chatkit.template_hf import HFChatTemplate
+
 _PLACEHOLDERS = {"{eos}": "eos_token", "{bos}": "bos_token"}
+_CONTENT = "message['content']"
+HF_TEMPLATE = "hf"
+"""Registry name of the tokenizer's own chat template; needs a tokenizer, so it is never registered."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,12 @@ class ChatTemplate:
     default_system: str | None = None
     """System message used when a conversation has none."""
     description: str = ""
+    user_after_system: str | None = None
+    """Piece for a user message right after a system message (llama2 opens [INST] in the system piece)."""
+    special_tokens: tuple[str, ...] = ()
+    """Marker strings a tokenizer must hold as special tokens (one id each, never split), e.g. ChatML's."""
+    strip_content: bool = False
+    """Strip whitespace around every message's text, as origins that call `.strip()` (Meta's llama2) do."""
 
     def _fill(self, piece: str, content: str, eos: str, bos: str) -> str:
         # replace, not str.format: message content may contain braces.
@@ -56,6 +72,14 @@ class ChatTemplate:
             msgs.insert(0, Message("system", self.default_system))
         return msgs
 
+    def _piece(self, role: str, prev_role: str | None) -> str:
+        """The piece for a system or user message, given the role of the message before it."""
+        if role == "system":
+            return self.system
+        if prev_role == "system" and self.user_after_system is not None:
+            return self.user_after_system
+        return self.user
+
     def segments(
         self,
         messages: Sequence[Message],
@@ -64,67 +88,89 @@ class ChatTemplate:
         add_generation_prompt: bool = False,
     ) -> list[Segment]:
         """Render messages as segments; a segment is trained when its message is."""
-        segs: list[Segment] = []
-        if self.bos:
-            segs.append(Segment(self._fill(self.bos, "", eos_token, bos_token), False))
+
+        def fill(piece: str, content: str = "") -> str:
+            return self._fill(piece, content, eos_token, bos_token)
+
+        segs = [Segment(fill(self.bos), False)] if self.bos else []
+        prev_role = None
         for m in self._with_default_system(messages):
+            text = m.content.strip() if self.strip_content else m.content
             if m.role == "assistant":
-                segs.append(Segment(self._fill(self.assistant_prefix, "", eos_token, bos_token), False))
-                body = self._fill(self.assistant, m.content, eos_token, bos_token)
-                segs.append(Segment(body, m.trained))
-                segs.append(Segment(self._fill(self.separator, "", eos_token, bos_token), False))
+                segs.append(Segment(fill(self.assistant_prefix), False))
+                segs.append(Segment(fill(self.assistant, text), m.trained))
+                segs.append(Segment(fill(self.separator), False))
             else:
-                piece = self.system if m.role == "system" else self.user
-                segs.append(Segment(self._fill(piece, m.content, eos_token, bos_token), m.trained))
+                segs.append(Segment(fill(self._piece(m.role, prev_role), text), m.trained))
+            prev_role = m.role
         if add_generation_prompt:
-            segs.append(Segment(self._fill(self.assistant_prefix, "", eos_token, bos_token), False))
+            segs.append(Segment(fill(self.assistant_prefix), False))
         return [s for s in segs if s.text]
 
     def reply_text(self, generated: str) -> str:
         """Recover a message's content from generated text (drops the piece's literal head, e.g. a space)."""
         head = self.assistant.split("{content}", 1)[0]
-        return generated[len(head) :] if head and generated.startswith(head) else generated
+        text = generated[len(head) :] if head and generated.startswith(head) else generated
+        return text.strip() if self.strip_content else text
 
     def render(
         self, messages: Sequence[Message], eos_token: str, bos_token: str = "", add_generation_prompt=False
     ) -> str:
         return "".join(s.text for s in self.segments(messages, eos_token, bos_token, add_generation_prompt))
 
-    @property
-    def chat_template(self) -> str:
-        """The Hugging Face Jinja template equivalent to `render` (tests check they agree)."""
-        sys_expr = _jinja_piece(self.system)
-        user_expr = _jinja_piece(self.user)
+    def _expr(self, piece: str) -> str:
+        """A piece as a Jinja expression of the current `message` (trimmed when the origin strips)."""
+        return _jinja_piece(piece, _CONTENT + "|trim" if self.strip_content else _CONTENT)
+
+    def _jinja_user(self) -> str:
+        """The user branch; with `user_after_system`, chosen by the message before (or the default system)."""
+        plain = "{{- " + self._expr(self.user) + " -}}"
+        if self.user_after_system is None:
+            return plain
+        after_system = "(loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system')"
+        if self.default_system is not None:  # the default system message goes before messages[0]
+            after_system = "loop.first or " + after_system
+        after = "{{- " + self._expr(self.user_after_system) + " -}}"
+        return "{%- if " + after_system + " -%}" + after + "{%- else -%}" + plain + "{%- endif -%}"
+
+    def _jinja_assistant(self) -> str:
         # The piece's literal head (e.g. a space) goes before {% generation %}: Hugging Face maps the
         # block's first character to a token, and a space that merges into the next word has none.
         head, _, tail = self.assistant.partition("{content}")
-        head_expr = _jinja_piece(head)
-        body_expr = _jinja_piece("{content}" + tail)
+        return (
+            "{{- " + self._expr(self.assistant_prefix) + " -}}"
+            "{{- " + self._expr(head) + " -}}"
+            "{%- generation -%}{{- " + self._expr("{content}" + tail) + " -}}{%- endgeneration -%}"
+            "{{- " + self._expr(self.separator) + " -}}"
+        )
+
+    @property
+    def chat_template(self) -> str:
+        """The Hugging Face Jinja template equivalent to `render` (tests check they agree)."""
+        sys_expr = self._expr(self.system)
         parts = []
         if self.bos:
-            parts.append("{{- " + _jinja_piece(self.bos) + " -}}")
+            parts.append("{{- " + self._expr(self.bos) + " -}}")
         if self.default_system is not None:
             default = json.dumps(self.default_system)
             parts.append(
                 "{%- if messages|length == 0 or messages[0]['role'] != 'system' -%}"
-                "{{- " + sys_expr.replace("message['content']", default) + " -}}{%- endif -%}"
+                "{{- " + sys_expr.replace(_CONTENT, default) + " -}}{%- endif -%}"
             )
         parts.append(
             "{%- for message in messages -%}"
             "{%- if message['role'] == 'system' -%}{{- " + sys_expr + " -}}"
-            "{%- elif message['role'] == 'user' -%}{{- " + user_expr + " -}}"
-            "{%- elif message['role'] == 'assistant' -%}"
-            "{{- " + _jinja_piece(self.assistant_prefix) + " -}}"
-            "{{- " + head_expr + " -}}"
-            "{%- generation -%}{{- " + body_expr + " -}}{%- endgeneration -%}"
-            "{{- " + _jinja_piece(self.separator) + " -}}"
-            "{%- endif -%}{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{- " + _jinja_piece(self.assistant_prefix) + " -}}{%- endif -%}"
+            "{%- elif message['role'] == 'user' -%}"
+            + self._jinja_user()
+            + "{%- elif message['role'] == 'assistant' -%}"
+            + self._jinja_assistant()
+            + "{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- " + self._expr(self.assistant_prefix) + " -}}{%- endif -%}"
         )
         return "".join(parts)
 
 
-def _jinja_piece(piece: str) -> str:
+def _jinja_piece(piece: str, content: str = _CONTENT) -> str:
     """A Jinja expression for a piece: literals joined with `~`, placeholders as variables."""
     exprs: list[str] = []
     rest = piece
@@ -136,7 +182,7 @@ def _jinja_piece(piece: str) -> str:
         pos, ph = min(hits)
         if pos:
             exprs.append(json.dumps(rest[:pos]))
-        exprs.append("message['content']" if ph == "{content}" else _PLACEHOLDERS[ph])
+        exprs.append(content if ph == "{content}" else _PLACEHOLDERS[ph])
         rest = rest[pos + len(ph) :]
     return " ~ ".join(exprs) if exprs else '""'
 
@@ -145,21 +191,32 @@ _REGISTRY: dict[str, ChatTemplate] = {}
 
 
 def register_template(template: ChatTemplate) -> ChatTemplate:
+    if template.name == HF_TEMPLATE:
+        raise ValueError(f"chat template name {HF_TEMPLATE!r} is reserved for the tokenizer's own template")
     if template.name in _REGISTRY:
         raise ValueError(f"chat template {template.name!r} is already registered")
     _REGISTRY[template.name] = template
     return template
 
 
-def get_template(name: str) -> ChatTemplate:
+def get_template(name: str, tokenizer=None) -> ChatTemplate | HFChatTemplate:
+    """A registered template by name; `hf` wraps `tokenizer`'s own chat_template (and needs it)."""
+    if name == HF_TEMPLATE:
+        from chatkit.template_hf import HFChatTemplate
+
+        if tokenizer is None:
+            raise ValueError(
+                "chat template 'hf' is the base tokenizer's own chat_template: pass the tokenizer"
+            )
+        return HFChatTemplate(tokenizer)
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(f"unknown chat template {name!r}; known: {', '.join(list_templates())}") from None
 
 
 def list_templates() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, HF_TEMPLATE])
 
 
 # OpenChatKit (Together): "<human>: ...\n<bot>: ...\n". Replies end with the eos token, which is
@@ -175,5 +232,121 @@ register_template(
         separator="\n",
         stop_strings=("<human>:",),
         description="OpenChatKit's <human>:/<bot>: format",
+    )
+)
+
+# OpenAlpaca, as released 2023-05-27 (yxuansu/OpenAlpaca datasets/sft_dataset.py PROMPT_DICT and
+# README.md): Stanford Alpaca's prompts, preamble included (the first release, 2023-05-04, had
+# dropped the preamble and put ### Input: before ### Instruction:; the 05-27 models went back).
+# Training was [bos] + prompt + reply + [eos] with prompt and reply encoded separately, so
+# SentencePiece gave the reply a leading "▁": as text, "### Response: {reply}</s>".
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_INPUT_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+register_template(
+    ChatTemplate(
+        name="alpaca",
+        bos="{bos}",
+        system="{content}\n\n",
+        user="### Instruction:\n{content}\n\n",
+        assistant_prefix="### Response:",
+        assistant=" {content}{eos}",
+        # Multi-turn (not in the origin): each next instruction follows the reply after a blank
+        # line, the blank line that separates every section of the prompt.
+        separator="\n\n",
+        stop_strings=("### Instruction:",),
+        default_system=ALPACA_PREAMBLE,
+        description="OpenAlpaca / Stanford Alpaca ### Instruction: / ### Response: prompt",
+    )
+)
+
+
+def alpaca_messages(instruction: str, input: str, output: str) -> list[Message]:
+    """An Alpaca row as messages that the `alpaca` template renders exactly as OpenAlpaca's prompts.
+
+    A row with an input becomes user content `f"{instruction}\\n\\n### Input:\\n{input}"` plus the
+    input preamble as system message, so the pieces render OpenAlpaca's `prompt_input` verbatim.
+    """
+    if not input:
+        return [Message("user", instruction), Message("assistant", output)]
+    return [
+        Message("system", ALPACA_INPUT_PREAMBLE),
+        Message("user", f"{instruction}\n\n### Input:\n{input}"),
+        Message("assistant", output),
+    ]
+
+
+# Koala (young-geng/EasyLM docs/koala.md serving flags, composed by EasyLM/serving.py process_chat):
+# chat_prepend_text="BEGINNING OF CONVERSATION: ", chat_user_prefix="USER: ", chat_user_suffix=" ",
+# chat_lm_prefix="GPT:", chat_lm_suffix="</s>"; FastChat's koala_v1 renders the same text with
+# "GPT: {reply}". Koala has no system prompt; one given goes after the header.
+register_template(
+    ChatTemplate(
+        name="koala",
+        bos="{bos}BEGINNING OF CONVERSATION: ",
+        system="{content} ",
+        user="USER: {content} ",
+        assistant_prefix="GPT:",
+        assistant=" {content}{eos}",
+        stop_strings=("USER:",),
+        description="Koala (EasyLM): BEGINNING OF CONVERSATION: USER: ... GPT: ...</s>",
+    )
+)
+
+# Llama 2 chat (meta-llama/llama llama/generation.py chat_completion): each exchange is
+# encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", bos=True, eos=True), the system
+# prompt is B_SYS + system + E_SYS inside the first [INST], and the prompt ends "[INST] {user} [/INST]".
+# Hugging Face's meta-llama/Llama-2-*-chat-hf chat_template renders the same text. Meta strips the
+# joined first turn; we strip each message (the text differs only when the system message or the
+# first user message has surrounding whitespace).
+register_template(
+    ChatTemplate(
+        name="llama2",
+        system="{bos}[INST] <<SYS>>\n{content}\n<</SYS>>\n\n",
+        user_after_system="{content} [/INST]",
+        user="{bos}[INST] {content} [/INST]",
+        assistant=" {content} {eos}",
+        strip_content=True,
+        stop_strings=("[INST]",),
+        description="Meta's Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s>",
+    )
+)
+
+# Vicuna v1.1 (lm-sys/FastChat fastchat/conversation.py "vicuna_v1.1", SeparatorStyle.ADD_COLON_TWO,
+# sep=" ", sep2="</s>"): "{system} USER: {user} ASSISTANT: {reply}</s>USER: ... ASSISTANT:".
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+register_template(
+    ChatTemplate(
+        name="vicuna",
+        bos="{bos}",
+        system="{content} ",
+        user="USER: {content} ",
+        assistant_prefix="ASSISTANT:",
+        assistant=" {content}{eos}",
+        stop_strings=("USER:",),
+        default_system=VICUNA_SYSTEM,
+        description="FastChat vicuna_v1.1: {system} USER: ... ASSISTANT: ...</s>",
+    )
+)
+
+# ChatML v0 (openai/openai-python chatml.md): "<|im_start|>{role}\n{content}<|im_end|>\n". The
+# generation prompt "<|im_start|>assistant\n" is the one Hugging Face ChatML templates use. The
+# reply's end is <|im_end|> (trained, and a stop string), not the tokenizer's eos.
+register_template(
+    ChatTemplate(
+        name="chatml",
+        system="<|im_start|>system\n{content}<|im_end|>\n",
+        user="<|im_start|>user\n{content}<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        assistant="{content}<|im_end|>",
+        separator="\n",
+        stop_strings=("<|im_end|>",),
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+        description="OpenAI's ChatML: <|im_start|>role\\n...<|im_end|>",
     )
 )

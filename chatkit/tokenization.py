@@ -34,6 +34,16 @@ def special_tokens(tokenizer) -> tuple[str, str]:
     return tokenizer.eos_token, tokenizer.bos_token or ""
 
 
+def add_template_tokens(tokenizer, template) -> int:
+    """Give the tokenizer the template's marker tokens (e.g. ChatML's) as special tokens if it lacks them.
+
+    A marker split into pieces would be learnt as several tokens and could be produced in part; as one
+    special token it is atomic. Returns how many were added (the model's embeddings must then grow).
+    """
+    missing = [t for t in template.special_tokens if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    return tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
+
+
 def encode_segments(tokenizer, segments: Sequence[Segment]) -> Encoded:
     """Tokenize the joined text once; label each token by the segment its last character falls in.
 

@@ -21,10 +21,19 @@ from loguru import logger
 from tqdm import tqdm
 
 from chatkit.config import TrainConfig, save_config
-from chatkit.data import collate, micro_batches, tokenize_files
+from chatkit.data import (
+    Batches,
+    DataSource,
+    TokenizedSet,
+    block_causal_mask,
+    collate_rows,
+    describe,
+    save_data_stats,
+    tokenize_file,
+)
 from chatkit.io import write_json
 from chatkit.templates import get_template
-from chatkit.tokenization import IGNORE_INDEX, Encoded
+from chatkit.tokenization import IGNORE_INDEX, Encoded, add_template_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +98,20 @@ def trained_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding (padding has negative segment ids)."""
+    return int((batch["segment_ids"] >= 0).sum())
+
+
+def forward_logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits with per-conversation positions and block-diagonal causal attention."""
+    dtype = next(engine.module.parameters()).dtype
+    mask = block_causal_mask(batch["segment_ids"], dtype)
+    return engine(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+    ).logits
+
+
 def setup_logging(output_dir: Path, rank: int) -> None:
     logger.remove()
     if rank != 0:
@@ -127,12 +150,13 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def evaluate(engine, examples: list[Encoded], cfg: TrainConfig, rank: int, world: int, device, pad_id: int):
-    """Validation loss per trained token over all ranks.
+def evaluate(engine, sets: list[TokenizedSet], cfg: TrainConfig, rank: int, world: int, device, pad_id: int):
+    """Validation loss per trained token over all ranks, one conversation per row.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively):
-    shards are padded with an example whose labels are all ignored.
+    shards are padded with a copy of an example whose labels are all ignored.
     """
+    examples = [s.example(i) for s in sets for i in range(len(s))]
     per_rank = math.ceil(len(examples) / world)
     shard = examples[rank::world]
     filler = Encoded(examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].input_ids))
@@ -141,13 +165,38 @@ def evaluate(engine, examples: list[Encoded], cfg: TrainConfig, rank: int, world
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, per_rank, cfg.micro_batch_size):
-            batch = to_device(collate(shard[i : i + cfg.micro_batch_size], pad_id), device)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            total += float(token_loss_sum(logits, batch["labels"]))
+            rows = [[e] for e in shard[i : i + cfg.micro_batch_size]]
+            batch = to_device(collate_rows(rows, pad_id), device)
+            total += float(token_loss_sum(forward_logits(engine, batch), batch["labels"]))
             count += trained_count(batch)
     engine.train()
     total, count = all_sum([total, count], device)
     return total / max(count, 1)
+
+
+def load_sets(specs: list[str], tokenizer, template, cfg: TrainConfig, rank: int) -> list[TokenizedSet]:
+    """Rank 0 tokenizes (in several processes) and fills the cache; the other ranks then read it."""
+    import torch.distributed as dist
+
+    procs = cfg.tokenize_procs or min(8, os.cpu_count() or 1)
+    sets = []
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            sets = [
+                tokenize_file(
+                    DataSource.parse(spec).path,
+                    tokenizer,
+                    template,
+                    cfg.max_length,
+                    cfg.overlong,
+                    procs if rank == 0 else 1,
+                    cfg.cache_dir or None,
+                    show_progress=rank == 0,
+                )  # fmt: skip
+                for spec in specs
+            ]
+        dist.barrier()
+    return sets
 
 
 def save_checkpoint(engine, cfg: TrainConfig, tokenizer, step: int, epoch: int, rank: int) -> Path:
@@ -186,24 +235,50 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    template = get_template(cfg.template)
-    data = tokenize_files(cfg.train_files, tokenizer, template, cfg.max_length, show_progress=rank == 0)
-    val = (
-        tokenize_files(cfg.val_files, tokenizer, template, cfg.max_length, False).examples
-        if cfg.val_files
-        else []
+    template = get_template(cfg.template, tokenizer)
+    added_tokens = add_template_tokens(tokenizer, template)
+    sources = [DataSource.parse(spec) for spec in cfg.train_files]
+    sets = load_sets(cfg.train_files, tokenizer, template, cfg, rank)
+    val_sets = load_sets(cfg.val_files, tokenizer, template, cfg, rank) if cfg.val_files else []
+    if rank == 0:
+        for src, ts in zip(sources, sets, strict=True):
+            logger.info(describe(src.path, ts, cfg.max_length))
+        save_data_stats(out / "data_stats.json", sources, sets)
+    weights = None
+    if any(src.weight is not None for src in sources):
+        weights = [1.0 if src.weight is None else src.weight for src in sources]
+    batches = Batches(
+        sets,
+        weights,
+        cfg.micro_batch_size,
+        cfg.max_length,
+        cfg.pack,
+        rank,
+        world,
+        cfg.seed,
+        tokenizer.pad_token_id,
     )
     per_step = cfg.micro_batch_size * world * cfg.gradient_accumulation_steps
-    steps_per_epoch = len(data.examples) // per_step
+    steps_per_epoch = batches.steps_per_epoch(cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     from transformers import AutoConfig
 
-    hidden = AutoConfig.from_pretrained(cfg.model).hidden_size
+    model_config = AutoConfig.from_pretrained(cfg.model)
+    hidden = model_config.hidden_size
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and cfg.max_length > context:
+        raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens")
     ds_config = resolve_ds_config(cfg, hidden)
     # Keeps transformers aware of ZeRO-3, so large models are partitioned while they load.
     _hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+        if rank == 0:
+            logger.info(
+                f"added the template's {added_tokens} marker token(s) to the tokenizer and embeddings"
+            )
     engine, *_, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -217,25 +292,25 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if rank == 0:
         save_config(cfg, out / "train_config.yaml")
         logger.info(
-            f"{len(data.examples)} conversations, {world} rank(s), {per_step} per step, "
+            f"{sum(len(t) for t in sets)} conversations, {'packed ' if cfg.pack else ''}rows of {cfg.max_length}, "
+            f"{world} rank(s), {per_step} rows per step, "
             f"{total_steps} steps, {n_params:,} parameters, deepspeed={cfg.deepspeed}, {cfg.precision}"
         )
-    stream = micro_batches(data.examples, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id)
+    stream = batches.stream()
     metrics_f = (out / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
     bar = tqdm(total=total_steps, desc="train", disable=rank != 0, dynamic_ncols=True)
     last: dict[str, float] = {}
     epoch, t_last, tokens_since = 0, time.perf_counter(), 0.0
     for step in range(1, total_steps + 1):
-        batches = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        epoch = batches[-1][0]
-        local_count = sum(trained_count(b) for _, b in batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) for _, b in batches)
+        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+        epoch = micro[-1][0]
+        local_count = sum(trained_count(b) for _, b in micro)
+        local_tokens = sum(real_tokens(b) for _, b in micro)
         global_count, step_tokens = all_sum([local_count, local_tokens], device)
         loss_total = 0.0
-        for _, b in batches:
+        for _, b in micro:
             b = to_device(b, device)
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum = token_loss_sum(logits, b["labels"])
+            loss_sum = token_loss_sum(forward_logits(engine, b), b["labels"])
             # DeepSpeed divides by the accumulation steps and averages over ranks: undo both, so the
             # gradient is that of (sum of token losses / trained tokens of the whole step).
             engine.backward(loss_sum * (world * cfg.gradient_accumulation_steps / max(global_count, 1)))
@@ -261,13 +336,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 )
                 metrics_f.write(json.dumps(last) + "\n")
                 metrics_f.flush()
-        if val and cfg.eval_every and step % cfg.eval_every == 0:
-            last["val_loss"] = _log_eval(engine, val, cfg, rank, world, device, tokenizer, step, metrics_f)
+        if val_sets and cfg.eval_every and step % cfg.eval_every == 0:
+            last["val_loss"] = _log_eval(
+                engine, val_sets, cfg, rank, world, device, tokenizer, step, metrics_f
+            )
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
             save_checkpoint(engine, cfg, tokenizer, step, epoch, rank)
     bar.close()
-    if val:
-        last["val_loss"] = _log_eval(engine, val, cfg, rank, world, device, tokenizer, total_steps, metrics_f)
+    if val_sets:
+        last["val_loss"] = _log_eval(
+            engine, val_sets, cfg, rank, world, device, tokenizer, total_steps, metrics_f
+        )
     path = save_checkpoint(engine, cfg, tokenizer, total_steps, epoch, rank)
     if rank == 0:
         logger.info(f"saved checkpoint {path}")

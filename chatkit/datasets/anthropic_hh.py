@@ -1,0 +1,49 @@
+"""Anthropic HH-RLHF: helpfulness and harmlessness preference pairs, as Koala trained on them.
+
+Upstream Anthropic/hh-rlhf: `harmless-base/`, `helpful-base/`, `helpful-online/` and
+`helpful-rejection-sampled/`, each a `train.jsonl.gz` (160,800 rows together; the test files are
+left out, we hold out our own val) of `{"chosen", "rejected"}`, two transcripts that share their
+start and differ in the last reply. A transcript is `\\n\\nHuman: ...\\n\\nAssistant: ...` turns;
+every turn is kept. Following Koala the chosen transcript is the conversation, its last assistant
+turn the reply. With --keep-rejected the rejected transcript is written too, its last user
+message ending with Koala's marker "An Unhelpful Answer:" (see `spec.UNHELPFUL_MARKER`); a
+rejected reply identical to the chosen one is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+from chatkit.datasets.spec import DatasetSpec, Messages, Skip, field, mark_unhelpful, split_turns
+
+TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]*")
+ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def transcript(text: str) -> Messages:
+    preamble, messages = split_turns(text, TURN, ROLES)
+    if preamble:
+        raise Skip("text before the first Human: turn")
+    return messages
+
+
+def to_conversations(row: dict) -> list[Messages]:
+    return [transcript(field(row, "chosen"))]
+
+
+def rejected(row: dict) -> list[Messages]:
+    chosen, other = transcript(field(row, "chosen")), transcript(field(row, "rejected"))
+    if other and chosen and other[-1].role == "assistant" and other[-1] == chosen[-1]:
+        raise Skip("rejected reply identical to the chosen one")
+    return [mark_unhelpful(other)] if other else [[]]
+
+
+SPEC = DatasetSpec(
+    name="anthropic_hh",
+    repo="Anthropic/hh-rlhf",
+    files=("*/train.jsonl.gz",),
+    to_conversations=to_conversations,
+    rejected=rejected,
+    description="Anthropic HH-RLHF preference pairs: every Human/Assistant turn of the chosen "
+    "transcript, whose last reply is the preferred answer (Koala).",
+)

@@ -1,0 +1,29 @@
+"""HC3 (Human ChatGPT Comparison Corpus, English): questions with human and ChatGPT answers.
+
+Upstream Hello-SimpleAI/HC3: `all.jsonl` (the five domains together; also one file a domain) with
+`question`, `human_answers` (list), `chatgpt_answers` (list) and `source`. As Koala used it, each
+answer, human or ChatGPT, is its own conversation: the question, then that answer. All answers of
+one question go to the same split.
+"""
+
+from __future__ import annotations
+
+from chatkit.datasets.spec import DatasetSpec, Messages, Skip, assistant, field, string_list, user
+
+
+def to_conversations(row: dict) -> list[Messages]:
+    question = field(row, "question")
+    answers = string_list(row, "human_answers") + string_list(row, "chatgpt_answers")
+    if not answers:
+        raise Skip("no answers")
+    return [[user(question), assistant(answer)] for answer in answers]
+
+
+SPEC = DatasetSpec(
+    name="hc3",
+    repo="Hello-SimpleAI/HC3",
+    files=("all.jsonl",),
+    to_conversations=to_conversations,
+    description="HC3 English: one conversation per answer (human and ChatGPT answers alike), "
+    "the question as the user message, as Koala used it.",
+)

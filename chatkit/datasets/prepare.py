@@ -1,0 +1,264 @@
+"""The one function every `data/<name>/prepare.py` calls: `prepare(SPEC)`.
+
+It parses the common command line, downloads the upstream from the Hugging Face hub unless
+--source names a local copy, reads its rows, maps each with the spec's function, validates every
+conversation (`chatkit.conversation.parse_conversation`, so a mapping bug names its source row),
+splits rows into train and val deterministically, writes `train.jsonl` and `val.jsonl`
+atomically and prints the counts: rows read, conversations written, skips by reason.
+
+Nothing is dropped silently: a row a mapping cannot use is a counted skip with its reason (and
+the first place it happened); a row that breaks the upstream's own format stops the run with
+its file, line or index, and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from chatkit.conversation import ConversationError, Message, parse_conversation
+from chatkit.datasets.sources import DatasetError, download, find_files, iter_rows
+from chatkit.datasets.spec import DatasetSpec, Messages, RowError, Skip
+from chatkit.io import atomic_open
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Options:
+    out: Path
+    """Folder that receives train.jsonl and val.jsonl."""
+    source: Path | None = None
+    """Local copy of the upstream (a file or a folder); None downloads from the hub."""
+    val_fraction: float = 0.01
+    """Share of rows whose conversations go to val.jsonl."""
+    seed: int = 0
+    """Changes which rows are held out."""
+    limit: int | None = None
+    """Stop after this many rows (quick runs)."""
+    keep_rejected: bool = False
+    """Preference sets: also write the rejected answer under Koala's unhelpful marker."""
+    files: tuple[str, ...] | None = None
+    """Globs of upstream files to download or read from a --source folder (default: the spec's)."""
+
+
+@dataclass
+class Counts:
+    rows: int = 0
+    train: int = 0
+    val: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    first_skip: dict[str, str] = field(default_factory=dict)
+    """Where each skip reason was first seen."""
+
+    @property
+    def written(self) -> int:
+        return self.train + self.val
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.first_skip.setdefault(reason, where)
+
+    def summary(self) -> str:
+        skips = ", ".join(f"{reason} ({n})" for reason, n in self.skipped.most_common())
+        line = f"read {self.rows} rows, wrote {self.train} train + {self.val} val conversations"
+        return f"{line}, skipped {self.skipped.total()}" + (f": {skips}" if skips else "")
+
+
+def problem(messages: Messages) -> str | None:
+    """Why a mapped conversation cannot be trained on, or None."""
+    if not messages:
+        return "no messages"
+    if any(not m.content.strip() for m in messages):
+        return "empty message"
+    if not any(m.role == "user" for m in messages):
+        return "no user message"
+    if messages[-1].role != "assistant":
+        return "does not end with an assistant message"
+    return None
+
+
+def in_val(seed: int, file_name: str, index: int, fraction: float) -> bool:
+    """Deterministic per-row split, independent of --limit and of the other rows.
+
+    Keyed on the row (not the conversation) so that the conversations of one row, e.g. the answers
+    to one HC3 question or an HH chosen/rejected pair, land on the same side.
+    """
+    digest = hashlib.blake2b(f"{seed}\0{file_name}\0{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest) / 2**64 < fraction
+
+
+def _validated(messages: Messages, source: str, where: str) -> dict[str, Any]:
+    if not all(isinstance(m, Message) for m in messages):
+        raise ConversationError(f"{where}: the mapping must return lists of Message")
+    obj = {"messages": [m.to_dict() for m in messages], "source": source}
+    parse_conversation(obj, where)  # a mapping bug (bad role, misplaced system message) stops here
+    return obj
+
+
+def _map_row(spec: DatasetSpec, row: Any, where: str, keep_rejected: bool, counts: Counts):
+    """Yield the row's valid conversations as dicts; count the skips."""
+    try:
+        mapped = [(spec.name, "", m) for m in spec.to_conversations(row)]
+        if keep_rejected and spec.rejected is not None:
+            try:
+                mapped += [(f"{spec.name}/rejected", "rejected: ", m) for m in spec.rejected(row)]
+            except Skip as s:
+                counts.skip(f"rejected: {s.reason}", where)
+    except Skip as s:
+        counts.skip(s.reason, where)
+        return
+    except RowError as e:
+        raise DatasetError(f"{where}: {e}") from None
+    for source, prefix, messages in mapped:
+        obj = _validated(messages, source, where) if messages else None
+        reason = problem(messages)
+        if reason:
+            counts.skip(prefix + reason, where)
+        else:
+            yield obj
+
+
+def _write(f: IO[str], obj: dict[str, Any]) -> None:
+    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def source_files(spec: DatasetSpec, opts: Options) -> list[Path]:
+    patterns = opts.files or spec.files
+    if opts.source is not None:
+        return find_files(opts.source, patterns)
+    logger.info("downloading %s (%s) from the Hugging Face hub", spec.repo, ", ".join(patterns))
+    return find_files(download(spec, patterns), patterns)
+
+
+def run(spec: DatasetSpec, opts: Options) -> Counts:
+    """Read, map, validate, split and write; returns the counts. Raises DatasetError on bad input."""
+    files = source_files(spec, opts)
+    counts = Counts()
+    with ExitStack() as stack:
+        train = stack.enter_context(atomic_open(opts.out / "train.jsonl"))
+        val = stack.enter_context(atomic_open(opts.out / "val.jsonl"))
+        for path in files:
+            rows = stack.enter_context(closing(iter_rows(path)))  # closes the file when --limit stops early
+            for index, (where, row) in enumerate(tqdm(rows, desc=path.name, unit=" rows", disable=None)):
+                if opts.limit is not None and counts.rows >= opts.limit:
+                    return counts
+                counts.rows += 1
+                held_out = in_val(opts.seed, path.name, index, opts.val_fraction)
+                for obj in _map_row(spec, row, where, opts.keep_rejected, counts):
+                    _write(val if held_out else train, obj)
+                    counts.val += held_out
+                    counts.train += not held_out
+    return counts
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
+    revision = f" at revision {spec.revision}" if spec.revision else ""
+    description = (
+        textwrap.fill(spec.description, 100)
+        + f"\n\nupstream: https://huggingface.co/datasets/{spec.repo}{revision}\nfiles: {', '.join(spec.files)}"
+    )
+    script = f"data/{spec.name}/prepare.py"
+    epilog = (
+        f"examples:\n  python {script}  # download, write data/{spec.name}/files/\n"
+        f"  python {script} --source PATH --limit 100  # a local copy, quick look"
+    )
+    p = argparse.ArgumentParser(
+        prog=script,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--source",
+        type=Path,
+        metavar="PATH",
+        help="local copy in the upstream's format: a file, or a folder searched with --files",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        default=Path("data") / spec.name / "files",
+        help="output folder (%(default)s)",
+    )
+    p.add_argument(
+        "--files", nargs="+", metavar="GLOB", help="upstream files to download or read (default: above)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        metavar="F",
+        default=spec.val_fraction,
+        help="share of rows for val.jsonl (%(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="changes which rows are held out (%(default)s)"
+    )
+    p.add_argument("--limit", type=_positive, metavar="N", help="stop after N rows")
+    if spec.rejected is not None:
+        p.add_argument(
+            "--keep-rejected",
+            action="store_true",
+            help="also write each rejected answer as a conversation whose last user message ends with "
+            "Koala's marker 'An Unhelpful Answer:'",
+        )
+    return p
+
+
+def parse_args(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Options:
+    args = build_parser(spec).parse_args(argv)
+    return Options(
+        out=args.out,
+        source=args.source,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        limit=args.limit,
+        keep_rejected=getattr(args, "keep_rejected", False),
+        files=tuple(args.files) if args.files else None,
+    )
+
+
+def prepare(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Counts:
+    """The command line of a dataset's prepare.py; prints the counts, exits with a message on bad input."""
+    opts = parse_args(spec, argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        counts = run(spec, opts)
+    except (DatasetError, ConversationError) as e:
+        sys.exit(f"error: {e}")
+    for reason, where in counts.first_skip.items():
+        print(f"{reason}: first skipped at {where}")
+    print(f"wrote {opts.out / 'train.jsonl'} and {opts.out / 'val.jsonl'}")
+    print(counts.summary())
+    return counts

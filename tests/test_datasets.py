@@ -1,0 +1,600 @@
+"""Every data/<name>/prepare.py on a small fixture in its upstream's format, and the shared library.
+
+Text fixtures live in tests/fixtures/datasets/<name>/; the binary upstream formats (parquet,
+.jsonl.gz, .jsonl.zst) are written into tmp_path from the fixture rows, so the repository stays text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from chatkit.conversation import Message, read_jsonl
+from chatkit.datasets import get_dataset, list_datasets
+from chatkit.datasets.prepare import Options, in_val, prepare, run
+from chatkit.datasets.sources import DatasetError, iter_rows
+from chatkit.datasets.spec import UNHELPFUL_MARKER, DatasetSpec, field
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = REPO / "tests" / "fixtures" / "datasets"
+PREFERENCE = {"anthropic_hh", "webgpt", "summarize_from_feedback"}
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def write_lines(rows: list, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.name.endswith(".zst"):
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+
+
+def words(n: int) -> str:
+    return " ".join(["word"] * n)
+
+
+def make_source(name: str, tmp: Path) -> Path:
+    """The --source for a dataset's fixture, laid out as the upstream publishes it."""
+    src = tmp / "upstream"
+    if name == "dolly":  # rows at OpenAlpaca's limit: 2,000 words kept, 2,001 skipped
+        extra = [
+            {
+                "instruction": words(1000),
+                "context": words(500),
+                "response": words(500),
+                "category": "open_qa",
+            },
+            {
+                "instruction": words(1000),
+                "context": words(500),
+                "response": words(501),
+                "category": "open_qa",
+            },
+        ]
+        write_lines(
+            rows_of(FIX / "dolly" / "databricks-dolly-15k.jsonl") + extra, src / "databricks-dolly-15k.jsonl"
+        )
+    elif name in ("alpaca", "koalpaca"):
+        write_parquet(rows_of(FIX / name / "rows.jsonl"), src / "data" / "train-00000-of-00001.parquet")
+    elif name == "anthropic_hh":
+        for part in ("harmless-base", "helpful-base"):
+            write_lines(rows_of(FIX / name / f"{part}.jsonl"), src / part / "train.jsonl.gz")
+        write_lines(
+            [{"transcript": "not a preference pair"}],
+            src / "red-team-attempts" / "red_team_attempts.jsonl.gz",
+        )
+    elif name == "webgpt":
+        write_parquet(rows_of(FIX / name / "rows.jsonl"), src / "default" / "train" / "0000.parquet")
+    elif name == "summarize_from_feedback":
+        return FIX / name / "comparisons" / "batch3.json"
+    elif name == "mqa":
+        write_lines(
+            rows_of(FIX / name / "rows.jsonl"), src / "fine-tune" / "natural_questions_10_200_docs.jsonl.zst"
+        )
+    elif name == "booksum":
+        write_lines(rows_of(FIX / name / "rows.jsonl"), src / "fine-tune" / "booksum.jsonl.zst")
+    else:  # OIG, sharegpt, hc3: the fixture folder is the upstream layout
+        return FIX / name
+    return src
+
+
+def msgs(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def _long(name: str, line: int) -> list[dict]:
+    row = rows_of(FIX / name / "rows.jsonl")[line]
+    return msgs(("user", row["prompt"].strip()), ("assistant", row["completion"].strip()))
+
+
+# name -> (rows read, conversations written, skips by reason, conversations that must be written)
+EXPECTED: dict[str, tuple[int, int, dict[str, int], list[list[dict]]]] = {
+    "OIG": (
+        6,
+        3,
+        {"does not end with an assistant message": 1, "empty message": 1, "no <human>:/<bot>: turns": 1},
+        [
+            msgs(
+                ("user", "Can you help me plan a trip?"),
+                ("assistant", "Of course! Where would you like to go?"),
+                ("user", "Japan, in April."),
+                ("assistant", "April is cherry blossom season, so book early and visit Kyoto."),
+            ),
+            msgs(
+                ("user", "Background: Alice and Bob are neighbours.\nDid you hear that noise last night?"),
+                ("assistant", "Yes, it was the storm knocking over my fence."),
+            ),
+        ],
+    ),
+    "dolly": (
+        6,
+        4,
+        {"empty message": 1, "over 2000 words (OpenAlpaca's length filter)": 1},
+        [
+            msgs(
+                (
+                    "user",
+                    "When did Virgin Australia start operating?\n\n### Input:\nVirgin Australia, the trading name of "
+                    "Virgin Australia Airlines Pty Ltd, is an Australian-based airline. It commenced services on "
+                    "31 August 2000 as Virgin Blue, with two aircraft on a single route.",
+                ),
+                (
+                    "assistant",
+                    "Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a "
+                    "single route.",
+                ),
+            ),
+            msgs(("user", "Which is a species of fish? Tope or Rope"), ("assistant", "Tope")),
+        ],
+    ),
+    "alpaca": (
+        3,
+        2,
+        {"empty message": 1},
+        [
+            msgs(
+                ("user", "Translate the sentence into French.\n\n### Input:\nThe cat sleeps on the sofa."),
+                ("assistant", "Le chat dort sur le canapé."),
+            ),
+            msgs(
+                ("user", "Give three tips for staying healthy."),
+                ("assistant", "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Get enough sleep."),
+            ),
+        ],
+    ),
+    "koalpaca": (
+        2,
+        2,
+        {},
+        [
+            msgs(
+                ("user", "양파는 어떤 식물 부위인가요? 그리고 고구마는 뿌리인가요?"),
+                ("assistant", "양파는 잎이 아닌 식물의 줄기 부분입니다. 고구마는 식물의 뿌리 부분입니다."),
+            )
+        ],
+    ),
+    "sharegpt": (
+        5,
+        2,
+        {"unknown role 'bard'": 1, "does not end with an assistant message": 1, "empty message": 1},
+        [
+            msgs(("system", "You are a terse assistant."), ("user", "What is 2 + 2?"), ("assistant", "4")),
+            msgs(
+                ("user", "Summarize the main ideas of Jeff Walker's Product Launch Formula."),
+                (
+                    "assistant",
+                    "Product Launch Formula builds anticipation before a launch with a sequence of free content.",
+                ),
+                ("user", "Give me three examples of pre-launch content."),
+                ("assistant", "1. A how-to video\n2. A case study\n3. A live Q&A"),
+            ),
+        ],
+    ),
+    "hc3": (
+        4,
+        6,
+        {"no answers": 1, "empty message": 1},
+        [
+            msgs(("user", "What is a credit score?"), ("assistant", "It summarises your borrowing history.")),
+            msgs(
+                ("user", "What is a credit score?"),
+                ("assistant", "A credit score is a numerical estimate of a person's creditworthiness."),
+            ),
+            msgs(
+                ("user", "Is coffee bad for you?"),
+                ("assistant", "In moderation, coffee is safe for most adults."),
+            ),
+        ],
+    ),
+    "anthropic_hh": (
+        4,
+        3,
+        {"empty message": 1},
+        [
+            msgs(
+                ("user", "How do I boil an egg?"),
+                ("assistant", "Put it in boiling water for about nine minutes."),
+                ("user", "And for a soft yolk?"),
+                ("assistant", "Take it out after six minutes and cool it in cold water."),
+            )
+        ],
+    ),
+    "webgpt": (
+        3,
+        2,
+        {"tie (equal scores)": 1},
+        [
+            msgs(
+                ("user", "How do vaccines work?"),
+                (
+                    "assistant",
+                    "Vaccines train the immune system to recognise a pathogen without causing the disease [1].",
+                ),
+            )
+        ],
+    ),
+    "summarize_from_feedback": (
+        3,
+        2,
+        {"no post or article": 1},
+        [
+            msgs(
+                (
+                    "user",
+                    "Summarize this Reddit post in a few sentences.\n\nSUBREDDIT: r/relationships\nTITLE: Roommate "
+                    "eats my food\nPOST: My roommate keeps eating my food even after I labelled it. I don't want to "
+                    "fight, but it's getting expensive. What should I do?",
+                ),
+                ("assistant", "Roommate keeps eating my labelled food; how do I raise it without a fight?"),
+            ),
+            msgs(
+                (
+                    "user",
+                    "Summarize this article in a few sentences.\n\nTITLE: Storm hits the coast\nARTICLE: A strong "
+                    "storm hit the coast on Monday, cutting power to thousands of homes.",
+                ),
+                ("assistant", "A storm cut power to thousands of coastal homes on Monday."),
+            ),
+        ],
+    ),
+    "mqa": (3, 2, {"no prompt/completion fields": 1}, [_long("mqa", 1)]),
+    "booksum": (2, 2, {}, [_long("booksum", 0)]),
+}
+
+SUMMARY = re.compile(
+    r"^read (\d+) rows, wrote (\d+) train \+ (\d+) val conversations, skipped (\d+)(?:: (.*))?$"
+)
+
+
+def parse_summary(stdout: str) -> tuple[int, int, int, dict[str, int]]:
+    m = SUMMARY.match(stdout.strip().splitlines()[-1])
+    assert m, stdout
+    skips = dict((r, int(n)) for r, n in re.findall(r"(.+?) \((\d+)\)(?:, |$)", m[5] or ""))
+    assert sum(skips.values()) == int(m[4])
+    return int(m[1]), int(m[2]), int(m[3]), skips
+
+
+def outputs(out: Path) -> tuple[list[dict], list[dict]]:
+    return rows_of(out / "train.jsonl"), rows_of(out / "val.jsonl")
+
+
+def script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, f"data/{name}/prepare.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+# --- every script on its fixture ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_prepare_script_on_fixture(name: str, tmp_path: Path):
+    out = tmp_path / "out"
+    proc = script(
+        name, "--source", str(make_source(name, tmp_path)), "--out", str(out), "--val-fraction", "0.3"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, written, skips, examples = EXPECTED[name]
+    n_rows, n_train, n_val, got_skips = parse_summary(proc.stdout)
+    assert (n_rows, n_train + n_val, got_skips) == (rows, written, skips)
+    train, val = outputs(out)
+    assert (len(train), len(val)) == (n_train, n_val)
+    assert {c["source"] for c in train + val} == {name}
+    for conversation in examples:
+        assert conversation in [c["messages"] for c in train + val]
+    for reason in skips:  # each reason points at the first row it skipped
+        assert re.search(rf"^{re.escape(reason)}: first skipped at \S+", proc.stdout, re.M), proc.stdout
+    read_jsonl(out / "train.jsonl")  # the foundation's reader accepts the output
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_script_help(name: str):
+    proc = script(name, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: ")
+    spec = get_dataset(name)
+    assert f"https://huggingface.co/datasets/{spec.repo}" in proc.stdout
+    assert "--source" in proc.stdout and "--out" in proc.stdout and "--val-fraction" in proc.stdout
+    assert ("--keep-rejected" in proc.stdout) == (name in PREFERENCE)
+
+
+def test_registry_matches_data_folders():
+    folders = {p.parent.name for p in (REPO / "data").glob("*/prepare.py")} - {"demo"}
+    assert set(list_datasets()) == folders
+    for name in list_datasets():
+        spec = get_dataset(name)
+        assert spec.name == name and spec.files and spec.description
+        assert (spec.rejected is not None) == (name in PREFERENCE)
+        assert (REPO / "data" / name / "README.md").is_file()
+    with pytest.raises(KeyError, match="unknown dataset 'nope'; known: OIG"):
+        get_dataset("nope")
+
+
+# --- preference sets: --keep-rejected -------------------------------------------------------------
+
+
+def _prepare(
+    name: str, source: Path, out: Path, *args: str, capsys=None
+) -> tuple[list[dict], dict[str, int]]:
+    prepare(get_dataset(name), ["--source", str(source), "--out", str(out), "--val-fraction", "0", *args])
+    stdout = capsys.readouterr().out
+    _, _, n_val, skips = parse_summary(stdout)
+    train, val = outputs(out)
+    assert n_val == 0 and val == []
+    return train, skips
+
+
+def test_keep_rejected_anthropic_hh(tmp_path: Path, capsys):
+    train, skips = _prepare(
+        "anthropic_hh",
+        make_source("anthropic_hh", tmp_path),
+        tmp_path / "out",
+        "--keep-rejected",
+        capsys=capsys,
+    )
+    assert skips == {"empty message": 1, "rejected: rejected reply identical to the chosen one": 1}
+    rejected = [c["messages"] for c in train if c["source"] == "anthropic_hh/rejected"]
+    assert len(rejected) == 3 and len(train) == 6
+    assert (
+        msgs(
+            ("user", "How do I boil an egg?"),
+            ("assistant", "Put it in boiling water for about nine minutes."),
+            ("user", f"And for a soft yolk?\n\n{UNHELPFUL_MARKER}"),
+            ("assistant", "Eggs are always hard."),
+        )
+        in rejected
+    )
+    # Without the flag no rejected answer is written.
+    train, _ = _prepare(
+        "anthropic_hh", make_source("anthropic_hh", tmp_path), tmp_path / "plain", capsys=capsys
+    )
+    assert {c["source"] for c in train} == {"anthropic_hh"}
+
+
+def test_keep_rejected_webgpt_and_summaries(tmp_path: Path, capsys):
+    train, skips = _prepare(
+        "webgpt", make_source("webgpt", tmp_path), tmp_path / "w", "--keep-rejected", capsys=capsys
+    )
+    assert skips == {"tie (equal scores)": 1} and len(train) == 4
+    assert {
+        "messages": msgs(
+            ("user", f"How do vaccines work?\n\n{UNHELPFUL_MARKER}"), ("assistant", "They inject something.")
+        ),
+        "source": "webgpt/rejected",
+    } in train
+    train, skips = _prepare(
+        "summarize_from_feedback",
+        make_source("summarize_from_feedback", tmp_path),
+        tmp_path / "s",
+        "--keep-rejected",
+        capsys=capsys,
+    )
+    assert skips == {"no post or article": 1} and len(train) == 4
+    assert train[1]["source"] == "summarize_from_feedback/rejected"
+    assert train[1]["messages"][0]["content"].endswith(f"What should I do?\n\n{UNHELPFUL_MARKER}")
+    assert train[1]["messages"][1] == {"role": "assistant", "content": "Roommate eats my food"}
+
+
+def test_webgpt_reads_openai_raw_pairs(tmp_path: Path, capsys):
+    train, skips = _prepare("webgpt", FIX / "webgpt" / "comparisons.jsonl", tmp_path / "out", capsys=capsys)
+    assert skips == {"tie (equal scores)": 1}
+    assert [c["messages"] for c in train] == [
+        msgs(
+            ("user", "Why do cats purr?"),
+            ("assistant", "Cats purr to communicate contentment and to soothe themselves [1]."),
+        )
+    ]
+
+
+def test_keep_rejected_is_refused_where_there_is_no_rejected_answer(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare(
+            get_dataset("dolly"), ["--source", str(FIX / "dolly"), "--out", str(tmp_path), "--keep-rejected"]
+        )
+    assert e.value.code == 2
+    assert "unrecognized arguments: --keep-rejected" in capsys.readouterr().err
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+def _error(spec: DatasetSpec, source: Path, out: Path) -> str:
+    with pytest.raises(SystemExit) as e:
+        prepare(spec, ["--source", str(source), "--out", str(out)])
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
+    assert not (out / "train.jsonl").exists() and not (out / "val.jsonl").exists()  # nothing half-written
+    return e.value.code
+
+
+def test_empty_transcripts_are_counted_not_dropped(tmp_path: Path):
+    write_lines(
+        [{"chosen": "", "rejected": ""}, {"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}],
+        src := tmp_path / "t.jsonl",
+    )
+    counts = run(get_dataset("anthropic_hh"), Options(out=tmp_path / "out", source=src, keep_rejected=True))
+    assert (counts.rows, counts.written) == (2, 0)
+    assert counts.skipped == {
+        "no messages": 1,
+        "rejected: no messages": 1,
+        "does not end with an assistant message": 1,
+        "rejected: does not end with an assistant message": 1,
+    }
+    assert counts.first_skip["no messages"] == f"{src}:1"
+
+
+def test_malformed_line_names_file_and_line(tmp_path: Path):
+    good = (FIX / "dolly" / "databricks-dolly-15k.jsonl").read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "databricks-dolly-15k.jsonl"
+    bad.write_text(
+        "\n".join([good[0], good[1], '{"instruction": "cut off', good[2]]) + "\n", encoding="utf-8"
+    )
+    message = _error(get_dataset("dolly"), bad, tmp_path / "out")
+    assert f"{bad}:3: invalid JSON (Unterminated string" in message
+
+
+def test_missing_field_names_file_line_and_field(tmp_path: Path):
+    src = tmp_path / "databricks-dolly-15k.jsonl"
+    write_lines(
+        [{"instruction": "Hi", "context": "", "response": "Hello"}, {"instruction": "Hi", "context": ""}], src
+    )
+    assert _error(get_dataset("dolly"), src, tmp_path / "out") == f"error: {src}:2: field 'response': missing"
+    src = tmp_path / "sharegpt.json"
+    src.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": 3}]}]))
+    message = _error(get_dataset("sharegpt"), src, tmp_path / "out")
+    assert message == f"error: {src}[0]: field 'conversations'[0].value: expected str, got int"
+
+
+def test_mapping_bug_is_caught_by_validation_with_its_row(tmp_path: Path):
+    spec = DatasetSpec(
+        name="buggy",
+        repo="nobody/buggy",
+        files=("*.jsonl",),
+        to_conversations=lambda row: [[Message("user", field(row, "q")), Message("bot", "oops")]],
+        description="a mapping that invents a role",
+    )
+    src = tmp_path / "rows.jsonl"
+    write_lines([{"q": "hello"}], src)
+    message = _error(spec, src, tmp_path / "out")
+    assert f"{src}:1: messages[1].role: must be one of system, user, assistant, got 'bot'" in message
+
+
+def test_unknown_format_and_empty_folder(tmp_path: Path):
+    (tmp_path / "rows.csv").write_text("a,b\n")
+    assert "rows.csv: unknown format" in _error(get_dataset("dolly"), tmp_path / "rows.csv", tmp_path / "o")
+    assert "no files matching databricks-dolly-15k.jsonl" in _error(
+        get_dataset("dolly"), tmp_path, tmp_path / "o"
+    )
+
+
+def test_offline_download_suggests_source(tmp_path: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = script("alpaca", "--out", str(tmp_path / "out"), env=env)
+    assert proc.returncode == 1
+    assert "could not download tatsu-lab/alpaca from the Hugging Face hub" in proc.stderr
+    assert "pass --source PATH" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_fetches_the_spec_files_from_the_hub(tmp_path: Path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id: str, **kwargs) -> str:  # stands in for the hub: lays out its files
+        calls.append((repo_id, kwargs))
+        rows = rows_of(FIX / "summarize_from_feedback" / "comparisons" / "batch3.json")
+        write_parquet(rows, tmp_path / "snapshot" / "comparisons" / "train" / "0000.parquet")
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    prepare(get_dataset("summarize_from_feedback"), ["--out", str(tmp_path / "out"), "--val-fraction", "0"])
+    assert calls == [
+        (
+            "openai/summarize_from_feedback",
+            {
+                "repo_type": "dataset",
+                "revision": "refs/convert/parquet",
+                "allow_patterns": ["comparisons/*train*.parquet"],
+            },
+        )
+    ]
+    assert parse_summary(capsys.readouterr().out) == (3, 2, 0, {"no post or article": 1})
+    assert outputs(tmp_path / "out")[0][0]["messages"] == EXPECTED["summarize_from_feedback"][3][0]
+
+
+# --- reading and splitting --------------------------------------------------------------------------
+
+
+def test_json_formats(tmp_path: Path):
+    rows = [
+        {"instruction": "a", "input": "", "output": "b"},
+        {"instruction": "c", "input": "d", "output": "e"},
+    ]
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({k: [r[k] for r in rows] for k in rows[0]}))
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(rows))
+    lines = tmp_path / "lines.json"
+    write_lines(rows, lines)
+    assert list(iter_rows(columns)) == [(f"{columns}[0]", rows[0]), (f"{columns}[1]", rows[1])]
+    assert list(iter_rows(listed)) == [(f"{listed}[0]", rows[0]), (f"{listed}[1]", rows[1])]
+    assert list(iter_rows(lines)) == [(f"{lines}:1", rows[0]), (f"{lines}:2", rows[1])]
+    write_lines(rows[:1], one := tmp_path / "one.json")  # JSON lines holding a single row
+    assert list(iter_rows(one)) == [(f"{one}:1", rows[0])]
+    (tmp_path / "ragged.json").write_text(json.dumps({"a": [1, 2], "b": [1]}))
+    with pytest.raises(DatasetError, match="columns have different lengths"):
+        list(iter_rows(tmp_path / "ragged.json"))
+
+
+def test_split_is_deterministic_by_seed_and_keeps_a_rows_conversations_together(tmp_path: Path):
+    rows = [
+        {"question": f"Question {i}?", "human_answers": [f"Human {i}"], "chatgpt_answers": [f"ChatGPT {i}"]}
+        for i in range(40)
+    ]
+    write_lines(rows, src := tmp_path / "all.jsonl")
+    spec = get_dataset("hc3")
+
+    def split(seed: int, out: str) -> tuple[list[dict], list[dict]]:
+        counts = run(spec, Options(out=tmp_path / out, source=src, val_fraction=0.5, seed=seed))
+        assert (counts.rows, counts.written) == (40, 80)
+        return outputs(tmp_path / out)
+
+    train, val = split(0, "a")
+    assert 0 < len(val) < 80 and split(0, "b") == (train, val)
+    assert split(1, "c") != (train, val)
+    sides = Counter(c["messages"][0]["content"] for c in val)
+    assert set(sides.values()) == {2}  # both answers to a question are on the same side
+    expected_val = {f"Question {i}?" for i in range(40) if in_val(0, "all.jsonl", i, 0.5)}
+    assert set(sides) == expected_val
+
+
+def test_limit_stops_early(tmp_path: Path, capsys):
+    prepare(get_dataset("OIG"), ["--source", str(FIX / "OIG"), "--out", str(tmp_path), "--limit", "2"])
+    assert parse_summary(capsys.readouterr().out)[:3] == (2, 2, 0)
+
+
+def test_files_overrides_the_globs(tmp_path: Path, capsys):
+    argv = ["--source", str(FIX / "OIG"), "--out", str(tmp_path), "--files", "unified_soda_dialog.jsonl"]
+    prepare(get_dataset("OIG"), argv)
+    assert parse_summary(capsys.readouterr().out) == (2, 1, 0, {"no <human>:/<bot>: turns": 1})
+
+
+def test_keep_existing_outputs_when_a_run_fails(tmp_path: Path):
+    out = tmp_path / "out"
+    run(get_dataset("hc3"), Options(out=out, source=FIX / "hc3"))
+    before = (out / "train.jsonl").read_text()
+    shutil.copy(FIX / "hc3" / "all.jsonl", bad := tmp_path / "all.jsonl")
+    with bad.open("a") as f:
+        f.write("not json\n")
+    with pytest.raises(DatasetError, match=r"all.jsonl:5: invalid JSON"):
+        run(get_dataset("hc3"), Options(out=out, source=bad))
+    assert (out / "train.jsonl").read_text() == before
