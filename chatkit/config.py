@@ -36,6 +36,22 @@ class TrainConfig:
     """DeepSpeed config: a name in dsconfig/ (zero2, zero3, ...) or a path to a JSON file."""
     precision: str = "fp32"
     """fp32, bf16 or fp16."""
+    pipeline_stages: int = 1
+    """Pipeline-parallel stages (DeepSpeed PipelineModule); 1 trains without a pipeline."""
+    lora_r: int = 0
+    """LoRA rank; 0 fine-tunes every weight."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_targets: list[str] = field(default_factory=list)
+    """Module names LoRA adapts (default: the base model's registry entry, else all linear layers)."""
+    quantize: str = ""
+    """Load the base quantized with bitsandbytes: 4bit (NF4, QLoRA) or 8bit; needs lora_r > 0."""
+    optim: str = "adamw"
+    """adamw (from the DeepSpeed config) or adamw8bit (bitsandbytes; ZeRO stage 0 only)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     max_length: int = 512
     """Sequence length: the longest conversation, and the length of a packed row."""
     overlong: str = "drop"
@@ -66,10 +82,20 @@ class TrainConfig:
     """Optimizer steps; overrides epochs when positive."""
     save_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints (0 keeps all)."""
+    resume: str = ""
+    """auto (the latest checkpoint in output_dir, if any) or a checkpoint folder; empty starts fresh."""
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end, when val_files is set)."""
     log_every: int = 1
     """Log a line every N steps."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """User turns answered (greedily) at each evaluation; the replies are logged."""
+    train_log_backend: list[str] = field(default_factory=lambda: ["loguru"])
+    """Where step metrics go besides metrics.jsonl: loguru (train.log) and/or wandb."""
+    wandb_project: str = "chatkit"
+    """wandb project (WANDB_MODE=offline works without a network)."""
     seed: int = 0
     """Seed for data order and initialisation."""
 
@@ -86,6 +112,7 @@ class TrainConfig:
                     errors.append(f"{name}: no such file {src.path!r}")
                 if src.weight is not None and not src.weight > 0:
                     errors.append(f"{name}: weight of {src.path!r} must be positive, got {src.weight}")
+        errors += self._validate_engine()
         if self.overlong not in ("drop", "truncate"):
             errors.append(f"overlong: must be drop or truncate, got {self.overlong!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -111,6 +138,30 @@ class TrainConfig:
             errors.append(
                 f"template: unknown chat template {self.template!r}; known: {', '.join(list_templates())}"
             )
+        return errors
+
+    def _validate_engine(self) -> list[str]:
+        """Engine, adapter and logging settings (split from validate() to keep each short)."""
+        errors = []
+        if self.pipeline_stages < 1:
+            errors.append(f"pipeline_stages: must be at least 1, got {self.pipeline_stages}")
+        if self.lora_r < 0:
+            errors.append(f"lora_r: must be 0 or more, got {self.lora_r}")
+        if self.quantize not in ("", "4bit", "8bit"):
+            errors.append(f"quantize: must be 4bit, 8bit or empty, got {self.quantize!r}")
+        if self.quantize and self.lora_r == 0:
+            errors.append("quantize: a quantized base cannot be trained directly; set lora_r (QLoRA)")
+        if self.optim not in ("adamw", "adamw8bit"):
+            errors.append(f"optim: must be adamw or adamw8bit, got {self.optim!r}")
+        if (self.lora_r or self.quantize) and self.pipeline_stages > 1:
+            errors.append(
+                "pipeline_stages: LoRA and quantized bases train with ZeRO, not the pipeline engine"
+            )
+        unknown = set(self.train_log_backend) - {"loguru", "wandb"}
+        if unknown:
+            errors.append(f"train_log_backend: unknown {', '.join(sorted(unknown))} (loguru, wandb)")
+        if self.keep_checkpoints < 0:
+            errors.append(f"keep_checkpoints: must be 0 or more, got {self.keep_checkpoints}")
         return errors
 
 
@@ -154,7 +205,12 @@ def load_config(path: str | None, overrides: list[str] = (), check_files: bool =
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r}: expected key=value")
-        raw[key.strip()] = yaml.safe_load(value) if value else ""
+        try:
+            raw[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {item!r}: not a YAML value ({e.problem}); quote it, e.g. key='[\"a b?\"]'"
+            ) from None
     hints = typing.get_type_hints(TrainConfig)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     errors, values = [], {}

@@ -368,20 +368,28 @@ class Batches:
     def steps_per_epoch(self, accumulation: int) -> int:
         return len(self.rows(0)) // (self.micro_batch_size * self.world_size * accumulation)
 
-    def stream(self, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """Endless (epoch, batch); rank r takes every world_size-th slice of micro_batch_size rows."""
+    def stream(self, skip: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Endless (epoch, batch); rank r takes every world_size-th slice of micro_batch_size rows.
+
+        `skip` micro-batches are passed over without being built: a resumed run continues exactly
+        where the interrupted one stopped, since every epoch's order depends only on seed and epoch.
+        """
         per = self.micro_batch_size * self.world_size
-        epoch = start_epoch
+        epoch = 0
         while True:
             rows = self.rows(epoch)
             if len(rows) < per:
                 raise ValueError(f"{len(rows)} rows cannot fill one batch of {per} across ranks")
-            for start in range(0, len(rows) - per + 1, per):
+            starts = range(0, len(rows) - per + 1, per)
+            if skip >= len(starts):
+                skip -= len(starts)
+                epoch += 1
+                continue
+            for start in starts[skip:]:
                 mine = rows[start + self.rank * self.micro_batch_size :][: self.micro_batch_size]
-                yield (
-                    epoch,
-                    collate_rows([[self.sets[f].example(j) for f, j in row] for row in mine], self.pad_id),
-                )
+                batch = collate_rows([[self.sets[f].example(j) for f, j in row] for row in mine], self.pad_id)
+                yield epoch, batch
+            skip = 0
             epoch += 1
 
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm import tqdm
 
+from chatkit import adapters, checkpoint
 from chatkit.config import TrainConfig, save_config
 from chatkit.data import (
     Batches,
@@ -32,6 +32,7 @@ from chatkit.data import (
     tokenize_file,
 )
 from chatkit.io import write_json
+from chatkit.monitor import Monitor
 from chatkit.templates import get_template
 from chatkit.tokenization import IGNORE_INDEX, Encoded, add_template_tokens
 
@@ -112,16 +113,16 @@ def forward_logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ).logits
 
 
-def setup_logging(output_dir: Path, rank: int) -> None:
+def setup_logging(output_dir: Path, rank: int, file_log: bool = True) -> None:
     logger.remove()
     if rank != 0:
         logger.add(lambda m: tqdm.write(m, end=""), level="WARNING", format="[rank {extra[rank]}] {message}")
         logger.configure(extra={"rank": rank})
         return
     logger.add(lambda m: tqdm.write(m, end=""), level="INFO", format="{time:HH:mm:ss} | {message}")
-    logger.add(
-        output_dir / "train.log", level="DEBUG", format="{time:YYYY-MM-DD HH:mm:ss} | {level} | {message}"
-    )
+    if file_log:  # --train-log-backend loguru, as OpenChatKit
+        log = output_dir / "train.log"
+        logger.add(log, level="DEBUG", format="{time:YYYY-MM-DD HH:mm:ss} | {level} | {message}")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -200,43 +201,12 @@ def load_sets(specs: list[str], tokenizer, template, cfg: TrainConfig, rank: int
 
 
 def save_checkpoint(engine, cfg: TrainConfig, tokenizer, step: int, epoch: int, rank: int) -> Path:
-    """DeepSpeed checkpoint plus what export and chat need: tokenizer, model config, template.
-
-    Metadata goes in first; DeepSpeed updates its `latest` pointer only after every shard is written,
-    so a crash mid-save leaves `latest` on the previous complete checkpoint.
-    """
-    import torch.distributed as dist
-
-    root = Path(cfg.output_dir) / "checkpoints"
-    tag = f"step{step}"
-    if rank == 0:
-        (root / tag).mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(root / tag)
-        engine.module.config.save_pretrained(root / tag)
-        write_json(
-            root / tag / "chatkit.json", {"template": cfg.template, "base_model": cfg.model, "step": step}
-        )
-        save_config(cfg, root / tag / "train_config.yaml")
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "epoch": epoch})
-    dist.barrier()
-    return root / tag
+    """Checkpoint `stepN` atomically (see chatkit.checkpoint.save)."""
+    return checkpoint.save(engine, cfg, tokenizer, step, rank, {"epoch": epoch})
 
 
-def train(cfg: TrainConfig) -> dict[str, float]:
-    import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
-
-    rank, world, device = init_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out, rank)
-    torch.manual_seed(cfg.seed)
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    template = get_template(cfg.template, tokenizer)
-    added_tokens = add_template_tokens(tokenizer, template)
+def prepare_data(cfg: TrainConfig, tokenizer, template, rank: int, world: int, out: Path):
+    """Tokenized train/val sets and the rank's batch stream; logs what was kept and dropped."""
     sources = [DataSource.parse(spec) for spec in cfg.train_files]
     sets = load_sets(cfg.train_files, tokenizer, template, cfg, rank)
     val_sets = load_sets(cfg.val_files, tokenizer, template, cfg, rank) if cfg.val_files else []
@@ -248,39 +218,38 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if any(src.weight is not None for src in sources):
         weights = [1.0 if src.weight is None else src.weight for src in sources]
     batches = Batches(
-        sets,
-        weights,
-        cfg.micro_batch_size,
-        cfg.max_length,
-        cfg.pack,
-        rank,
-        world,
-        cfg.seed,
-        tokenizer.pad_token_id,
-    )
-    per_step = cfg.micro_batch_size * world * cfg.gradient_accumulation_steps
-    steps_per_epoch = batches.steps_per_epoch(cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        sets, weights, cfg.micro_batch_size, cfg.max_length, cfg.pack, rank, world, cfg.seed, tokenizer.pad_token_id
+    )  # fmt: skip
+    return batches, val_sets
 
+
+def build_engine(cfg: TrainConfig, tokenizer, added_tokens: int, total_steps: int, device, rank: int):
+    """The model (full, LoRA or QLoRA) wrapped by DeepSpeed with the preset's ZeRO stage."""
+    import deepspeed
     from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
 
     model_config = AutoConfig.from_pretrained(cfg.model)
-    hidden = model_config.hidden_size
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and cfg.max_length > context:
         raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens")
-    ds_config = resolve_ds_config(cfg, hidden)
+    ds_config = resolve_ds_config(cfg, model_config.hidden_size)
+    adapters.check_engine(cfg, ds_config)
     # Keeps transformers aware of ZeRO-3, so large models are partitioned while they load.
-    _hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    zero3 = ds_config["zero_optimization"].get("stage") == 3 and not cfg.lora_r
+    _hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
+    model = adapters.load_base(cfg, device)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
         if rank == 0:
             logger.info(
                 f"added the template's {added_tokens} marker token(s) to the tokenizer and embeddings"
             )
-    engine, *_, scheduler = deepspeed.initialize(
+    model = adapters.apply_adapters(model, cfg)
+    optimizer = adapters.client_optimizer(cfg, model, ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model,
+        optimizer=optimizer,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
@@ -288,83 +257,123 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         ),
     )
     del _hf_ds
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    return engine, scheduler
+
+
+def sample_replies(engine, tokenizer, template, prompts: list[str], device) -> list[str]:
+    """Greedy replies to fixed prompts; every rank runs them (ZeRO-3 forwards are collective)."""
+    from chatkit.chat import ChatEngine, GenerationParams
+    from chatkit.conversation import Message
+
+    chat = ChatEngine(engine.module, tokenizer, template, device)
+    params = GenerationParams(max_new_tokens=64, sample=False)
+    try:
+        return [chat.reply([Message("user", p)], params) for p in prompts]
+    finally:
+        engine.train()
+
+
+def run_eval(
+    engine, val_sets, cfg, rank, world, device, tokenizer, template, step, monitor
+) -> dict[str, float]:
+    """Validation loss and perplexity, and sample replies to the recipe's eval_prompts, logged."""
+    row: dict[str, float] = {}
+    if val_sets:
+        val_loss = evaluate(engine, val_sets, cfg, rank, world, device, tokenizer.pad_token_id)
+        row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if rank == 0:
+            logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")
+    if cfg.eval_prompts:
+        replies = sample_replies(engine, tokenizer, template, cfg.eval_prompts, device)
+        if rank == 0:
+            for prompt, reply in zip(cfg.eval_prompts, replies, strict=True):
+                logger.info(f"sample step {step} | {prompt!r} -> {reply!r}")
+            monitor.write({"step": step, "samples": dict(zip(cfg.eval_prompts, replies, strict=True))})
+    if row:
+        monitor.write({"step": step, **row})
+    return row
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    if cfg.pipeline_stages > 1:
+        from chatkit.trainer_pipeline import train_pipeline
+
+        return train_pipeline(cfg)
+    from transformers import AutoTokenizer
+
+    rank, world, device = init_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out, rank, "loguru" in cfg.train_log_backend)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    template = get_template(cfg.template, tokenizer)
+    added_tokens = add_template_tokens(tokenizer, template)
+    batches, val_sets = prepare_data(cfg, tokenizer, template, rank, world, out)
+    gas = cfg.gradient_accumulation_steps
+    steps_per_epoch = batches.steps_per_epoch(gas)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    engine, scheduler = build_engine(cfg, tokenizer, added_tokens, total_steps, device, rank)
+    start = 0
+    resume = checkpoint.find_resume(cfg)
+    if resume:
+        start = int(checkpoint.load(engine, *resume)["step"])
+        if rank == 0:
+            logger.info(f"resumed from {resume[0] / resume[1]} at step {start}")
     if rank == 0:
         save_config(cfg, out / "train_config.yaml")
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         logger.info(
-            f"{sum(len(t) for t in sets)} conversations, {'packed ' if cfg.pack else ''}rows of {cfg.max_length}, "
-            f"{world} rank(s), {per_step} rows per step, "
+            f"{sum(len(t) for t in batches.sets)} conversations, {'packed ' if cfg.pack else ''}rows of "
+            f"{cfg.max_length}, {world} rank(s), {cfg.micro_batch_size * world * gas} rows per step, "
             f"{total_steps} steps, {n_params:,} parameters, deepspeed={cfg.deepspeed}, {cfg.precision}"
         )
-    stream = batches.stream()
-    metrics_f = (out / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
-    bar = tqdm(total=total_steps, desc="train", disable=rank != 0, dynamic_ncols=True)
+    stream = batches.stream(skip=start * gas)
+    monitor = Monitor(cfg, out, rank == 0)
+    bar = tqdm(total=total_steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     last: dict[str, float] = {}
-    epoch, t_last, tokens_since = 0, time.perf_counter(), 0.0
-    for step in range(1, total_steps + 1):
-        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        epoch = micro[-1][0]
-        local_count = sum(trained_count(b) for _, b in micro)
-        local_tokens = sum(real_tokens(b) for _, b in micro)
-        global_count, step_tokens = all_sum([local_count, local_tokens], device)
+    t_last, tokens_since = time.perf_counter(), 0.0
+    for step in range(start + 1, total_steps + 1):
+        micro = [next(stream) for _ in range(gas)]
+        global_count, step_tokens = all_sum(
+            [sum(trained_count(b) for _, b in micro), sum(real_tokens(b) for _, b in micro)], device
+        )
         loss_total = 0.0
         for _, b in micro:
             b = to_device(b, device)
             loss_sum = token_loss_sum(forward_logits(engine, b), b["labels"])
             # DeepSpeed divides by the accumulation steps and averages over ranks: undo both, so the
             # gradient is that of (sum of token losses / trained tokens of the whole step).
-            engine.backward(loss_sum * (world * cfg.gradient_accumulation_steps / max(global_count, 1)))
+            engine.backward(loss_sum * (world * gas / max(global_count, 1)))
             engine.step()
             loss_total += float(loss_sum.detach())
+        checkpoint._fault("step", step)
         tokens_since += step_tokens
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
-            loss = all_sum([loss_total], device)[0] / max(global_count, 1)
             now = time.perf_counter()
             last = {
                 "step": step,
                 "epoch": round(step / max(steps_per_epoch, 1), 4),
-                "loss": loss,
+                "loss": all_sum([loss_total], device)[0] / max(global_count, 1),
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens_since / (now - t_last),
             }
             t_last, tokens_since = now, 0.0
-            if rank == 0:
-                logger.info(
-                    f"step {step}/{total_steps} | loss {loss:.4f} | lr {last['lr']:.2e} | "
-                    f"tok/s {last['tokens_per_s']:,.0f} | epoch {last['epoch']:.2f}"
-                )
-                metrics_f.write(json.dumps(last) + "\n")
-                metrics_f.flush()
-        if val_sets and cfg.eval_every and step % cfg.eval_every == 0:
-            last["val_loss"] = _log_eval(
-                engine, val_sets, cfg, rank, world, device, tokenizer, step, metrics_f
+            monitor.step(last, total_steps)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+            last.update(
+                run_eval(engine, val_sets, cfg, rank, world, device, tokenizer, template, step, monitor)
             )
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
-            save_checkpoint(engine, cfg, tokenizer, step, epoch, rank)
+            save_checkpoint(engine, cfg, tokenizer, step, micro[-1][0], rank)
     bar.close()
-    if val_sets:
-        last["val_loss"] = _log_eval(
-            engine, val_sets, cfg, rank, world, device, tokenizer, total_steps, metrics_f
-        )
-    path = save_checkpoint(engine, cfg, tokenizer, total_steps, epoch, rank)
+    last.update(
+        run_eval(engine, val_sets, cfg, rank, world, device, tokenizer, template, total_steps, monitor)
+    )
+    path = save_checkpoint(engine, cfg, tokenizer, total_steps, int(last.get("epoch", 0)), rank)
     if rank == 0:
         logger.info(f"saved checkpoint {path}")
         write_json(out / "final_metrics.json", last)
-        metrics_f.close()
+    monitor.close()
     return last
-
-
-def _log_eval(engine, val, cfg, rank, world, device, tokenizer, step, metrics_f) -> float:
-    val_loss = evaluate(engine, val, cfg, rank, world, device, tokenizer.pad_token_id)
-    if rank == 0:
-        logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {math.exp(min(val_loss, 50)):.2f}")
-        metrics_f.write(
-            json.dumps({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}) + "\n"
-        )
-        metrics_f.flush()
-    return val_loss
-
-
-def config_summary(cfg: TrainConfig) -> str:
-    return json.dumps(asdict(cfg), indent=2)

@@ -21,10 +21,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML recipe in config/")
     p.add_argument("overrides", nargs="*", help="key=value settings that override the recipe")
+    p.add_argument(
+        "--train-log-backend",
+        help="loguru, wandb or loguru,wandb (OpenChatKit's flag; same as train_log_backend=...)",
+    )
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = p.parse_args()
     try:
-        cfg = load_config(args.config, args.overrides)
+        extra = [f"train_log_backend={args.train_log_backend}"] if args.train_log_backend else []
+        cfg = load_config(args.config, [*args.overrides, *extra])
     except ConfigError as e:
         sys.exit(f"error: {e}")
     train(cfg)

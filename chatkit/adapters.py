@@ -1,0 +1,93 @@
+"""What gets trained: full weights, LoRA adapters, or LoRA on a 4/8-bit base (QLoRA), and how.
+
+QLoRA follows the bitsandbytes + PEFT recipe: NF4 base with double quantization, LoRA adapters in
+the compute dtype, `prepare_model_for_kbit_training`, optionally 8-bit AdamW. Quantized weights
+cannot be partitioned, so quantized bases train with ZeRO stages 0-2, not 3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from loguru import logger
+
+from chatkit.config import TrainConfig
+
+# LoRA targets by architecture: every linear layer of the attention and MLP blocks.
+LORA_TARGETS = {
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_base(cfg: TrainConfig, device: torch.device):
+    """The base model, quantized with bitsandbytes when the recipe asks for it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if cfg.quantize == "4bit":
+        compute = DTYPES[cfg.precision] if cfg.precision != "fp16" else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    elif cfg.quantize == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if cfg.quantize:
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    return AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+
+
+def apply_adapters(model, cfg: TrainConfig):
+    """Gradient checkpointing, k-bit preparation and LoRA as the config says; returns the model to train."""
+    if cfg.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
+        model = get_peft_model(model, lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info(
+            f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {targets}: {trainable:,} of {total:,} parameters train"
+        )
+    return model
+
+
+def client_optimizer(cfg: TrainConfig, model, ds_config: dict[str, Any]):
+    """bitsandbytes 8-bit AdamW when asked (replacing the DeepSpeed config's optimizer), else None."""
+    if cfg.optim != "adamw8bit":
+        return None
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 0:
+        raise ValueError(f"optim=adamw8bit needs ZeRO stage 0 (deepspeed=zero0), not stage {stage}")
+    import bitsandbytes as bnb
+
+    params = ds_config.pop("optimizer")["params"]
+    return bnb.optim.AdamW8bit(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"], weight_decay=params["weight_decay"],
+    )  # fmt: skip
+
+
+def check_engine(cfg: TrainConfig, ds_config: dict[str, Any]) -> None:
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if cfg.quantize and stage == 3:
+        raise ValueError("a quantized base cannot be partitioned by ZeRO-3: use deepspeed=zero0 or zero2")

@@ -1,0 +1,124 @@
+"""Checkpoints that survive crashes, with retention and `resume=auto`.
+
+A checkpoint is written under a temporary tag, then renamed to `stepN` and only then recorded in
+`latest` (itself replaced atomically): a crash at any point leaves `latest` on the previous complete
+checkpoint. Resuming restores weights, optimizer, scheduler, random state and the position in the
+data stream, so an interrupted run ends with the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from chatkit.config import TrainConfig, save_config
+from chatkit.io import atomic_open, write_json
+
+STEP_DIR = re.compile(r"^step(\d+)$")
+
+
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def find_resume(cfg: TrainConfig) -> tuple[Path, str] | None:
+    """(root, tag) to resume from, or None to start fresh."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        root = checkpoint_root(cfg)
+        latest = root / "latest"
+        return (root, latest.read_text().strip()) if latest.is_file() else None
+    path = Path(cfg.resume)
+    if (path / "latest").is_file():
+        return path, (path / "latest").read_text().strip()
+    if path.is_dir():
+        return path.parent, path.name
+    raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume!r}")
+
+
+def _fault(point: str, step: int) -> None:
+    """Fault injection for tests: CHATKIT_FAULT=<point>:<step> kills this process with SIGKILL there."""
+    if os.environ.get("CHATKIT_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), 9)
+
+
+def save(engine, cfg: TrainConfig, tokenizer, step: int, rank: int, extra: dict[str, Any]) -> Path:
+    """Write `checkpoints/stepN` (DeepSpeed shards plus what export and chat need) atomically."""
+    import torch.distributed as dist
+
+    root = checkpoint_root(cfg)
+    tmp, final = f".tmp-step{step}", f"step{step}"
+    if rank == 0:
+        shutil.rmtree(root / tmp, ignore_errors=True)  # left by a crash during an earlier save
+        (root / tmp).mkdir(parents=True)
+        tokenizer.save_pretrained(root / tmp)
+        _model_config(engine.module).save_pretrained(root / tmp)
+        write_json(
+            root / tmp / "chatkit.json", {"template": cfg.template, "base_model": cfg.model, "step": step}
+        )
+        save_config(cfg, root / tmp / "train_config.yaml")
+    dist.barrier()
+    state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}
+    engine.save_checkpoint(str(root), tag=tmp, client_state=state, save_latest=False)
+    save_adapter(engine.module, root / tmp, rank)
+    dist.barrier()
+    _fault("save", step)
+    if rank == 0:
+        if (root / final).exists():
+            shutil.rmtree(root / final)
+        os.replace(root / tmp, root / final)
+        with atomic_open(root / "latest") as f:
+            f.write(final)
+        prune(root, cfg.keep_checkpoints)
+    dist.barrier()
+    return root / final
+
+
+def _model_config(module):
+    """The transformers config of a plain or PEFT-wrapped model."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return base.config
+
+
+def save_adapter(module, folder: Path, rank: int) -> None:
+    """LoRA runs also get `adapter_model.safetensors` (PEFT's format); a collective under ZeRO-3."""
+    if not hasattr(module, "peft_config"):
+        return
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable):
+        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+    if rank == 0:
+        module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete the oldest `stepN` folders beyond `keep` (0 keeps all); never the one `latest` names."""
+    if keep <= 0:
+        return
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    for _, path in steps[: max(0, len(steps) - keep)]:
+        if path.name != latest:
+            shutil.rmtree(path)
+            logger.info(f"removed old checkpoint {path} (keep_checkpoints={keep})")
+
+
+def load(engine, root: Path, tag: str) -> dict[str, Any]:
+    """Restore a checkpoint into the engine; returns its client state (step, data position, ...)."""
+    path, state = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise FileNotFoundError(f"resume: {root / tag} could not be loaded")
+    torch.set_rng_state(state["torch_rng"])
+    return state

@@ -1,0 +1,80 @@
+"""Where training progress goes: the log line per step, metrics.jsonl, loguru's train.log, wandb,
+and a PNG of the loss and learning-rate curves at the end. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from chatkit.config import TrainConfig
+
+
+class Monitor:
+    def __init__(self, cfg: TrainConfig, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.out = out
+        self.metrics = (out / "metrics.jsonl").open("a", encoding="utf-8") if enabled else None
+        self.wandb = None
+        if enabled and "wandb" in cfg.train_log_backend:
+            import dataclasses
+
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=str(out))
+
+    def step(self, m: dict[str, float], total: int) -> None:
+        if not self.enabled:
+            return
+        logger.info(
+            f"step {m['step']}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+            f"tok/s {m['tokens_per_s']:,.0f} | epoch {m['epoch']:.2f}"
+        )
+        self.write(m)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(
+                {k: v for k, v in row.items() if isinstance(v, int | float)}, step=int(row["step"])
+            )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+
+def plot_curves(metrics: Path, png: Path) -> None:
+    """Loss (train and validation) and learning rate against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["loss"], r["lr"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train:
+        return
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax_loss.plot([s for s, _, _ in train], [v for _, v, _ in train], label="train")
+    if val:
+        ax_loss.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation")
+    ax_loss.set_ylabel("loss per trained token")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    ax_lr.plot([s for s, _, _ in train], [lr for _, _, lr in train], color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,250 @@
+"""Pipeline-parallel fine-tuning (DeepSpeed `PipelineModule`), combined with data parallelism.
+
+    deepspeed --num_gpus 2 --module chatkit.trainer_pipeline --config config/tiny.yaml pipeline_stages=2 deepspeed=pipeline
+
+The world splits into pipeline_stages stages times world / pipeline_stages data-parallel replicas.
+Each replica reads its own shard of the same `Batches` stream as the main trainer (packing,
+mixtures). The loss is normalised as there: the sum of token losses over the trained tokens of the
+whole optimizer step (all replicas, all micro-batches). The engine averages the loss over
+micro-batches and replicas by itself, so each micro-batch carries a scale that undoes that average
+and divides by the step's global trained-token count; what `train_batch` returns is then the true
+per-token loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from chatkit.config import TrainConfig, save_config
+from chatkit.data import Batches, DataSource, describe, save_data_stats
+from chatkit.io import write_json
+from chatkit.pipeline import build_pipeline, pipeline_batch
+from chatkit.templates import get_template
+from chatkit.tokenization import add_template_tokens
+from chatkit.trainer import (
+    init_distributed,
+    load_sets,
+    lr_lambda,
+    real_tokens,
+    resolve_ds_config,
+    setup_logging,
+    trained_count,
+)
+
+
+def make_topology(stages: int, world: int):
+    """Pipe x data grid; data-parallel degree is world / stages."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    if stages < 2 or world % stages:
+        raise ValueError(f"pipeline_stages={stages} must be at least 2 and divide the {world} ranks")
+    return PipeDataParallelTopology(num_pp=stages, num_dp=world // stages)
+
+
+def dp_sum(values: list[float], group) -> list[float]:
+    """Sum over one stage's data-parallel group (the ranks that see different data)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def step_scale(global_count: float, dp_world: int, accumulation: int) -> float:
+    """Per-micro-batch loss factor: the engine divides by accumulation and averages over replicas;
+    undo both, so the gradient is that of (sum of token losses / trained tokens of the step)."""
+    return dp_world * accumulation / max(global_count, 1)
+
+
+def load_model(cfg: TrainConfig, tokenizer, added_tokens: int):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and cfg.max_length > context:
+        raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens")
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def save_pipeline_checkpoint(
+    engine, cfg: TrainConfig, tokenizer, model_config, step: int, epoch: int
+) -> Path:
+    """chatkit.trainer.save_checkpoint's layout for a PipelineEngine (whose module has no HF config).
+
+    Metadata first; DeepSpeed moves `latest` only after every stage has written its layers.
+    """
+    import torch.distributed as dist
+
+    root = Path(cfg.output_dir) / "checkpoints"
+    tag = f"step{step}"
+    if dist.get_rank() == 0:
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(root / tag)
+        model_config.save_pretrained(root / tag)
+        meta = {"template": cfg.template, "base_model": cfg.model, "step": step, "pipeline": True}
+        write_json(root / tag / "chatkit.json", meta)
+        save_config(cfg, root / tag / "train_config.yaml")
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "epoch": epoch})
+    dist.barrier()
+    return root / tag
+
+
+def load_batches(cfg: TrainConfig, tokenizer, template, rank: int, dp_rank: int, dp_world: int) -> Batches:
+    """The main trainer's data stream, sharded by data-parallel replica instead of by rank."""
+    sources = [DataSource.parse(spec) for spec in cfg.train_files]
+    sets = load_sets(cfg.train_files, tokenizer, template, cfg, rank)
+    if rank == 0:
+        for src, ts in zip(sources, sets, strict=True):
+            logger.info(describe(src.path, ts, cfg.max_length))
+        save_data_stats(Path(cfg.output_dir) / "data_stats.json", sources, sets)
+    weights = None
+    if any(src.weight is not None for src in sources):
+        weights = [1.0 if src.weight is None else src.weight for src in sources]
+    return Batches(
+        sets, weights, cfg.micro_batch_size, cfg.max_length, cfg.pack,
+        dp_rank, dp_world, cfg.seed, tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def train_pipeline(cfg: TrainConfig) -> dict[str, float]:
+    """Train with cfg.pipeline_stages stages; returns the last logged metrics (as train() does)."""
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    rank, world, _ = init_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out, rank, "loguru" in getattr(cfg, "train_log_backend", ["loguru"]))
+    torch.manual_seed(cfg.seed)
+    if cfg.val_files:
+        logger.warning("val_files: validation is not implemented for pipeline training yet; skipped")
+
+    topo = make_topology(cfg.pipeline_stages, world)
+    coord = topo.get_coord(rank)
+    stages, dp_world = topo.get_dim("pipe"), topo.get_dim("data")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    template = get_template(cfg.template, tokenizer)
+    added_tokens = add_template_tokens(tokenizer, template)
+    batches = load_batches(cfg, tokenizer, template, rank, coord.data, dp_world)
+    steps_per_epoch = batches.steps_per_epoch(cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    model = load_model(cfg, tokenizer, added_tokens)
+    ds_config = resolve_ds_config(cfg, model.config.hidden_size)
+    pipe_opts = ds_config.get("pipeline", {})
+    module = build_pipeline(
+        model,
+        topo,
+        partition_method=pipe_opts.get("partition", "parameters"),
+        activation_checkpoint_interval=int(pipe_opts.get("activation_checkpoint_interval", 0)),
+    )
+    engine, *_, scheduler = deepspeed.initialize(
+        model=module,
+        model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        ),
+    )
+    if rank == 0:
+        save_config(cfg, out / "train_config.yaml")
+        logger.info(
+            f"{sum(len(t) for t in batches.sets)} conversations, {'packed ' if cfg.pack else ''}rows of {cfg.max_length}, "
+            f"{world} rank(s) = {stages} pipeline stages x {dp_world} data-parallel, "
+            f"{cfg.micro_batch_size * dp_world * cfg.gradient_accumulation_steps} rows per step, "
+            f"{total_steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"deepspeed={cfg.deepspeed}, {cfg.precision}"
+        )
+    return _loop(cfg, engine, scheduler, batches, tokenizer, model.config, total_steps, steps_per_epoch)
+
+
+def next_step(stream, engine, cfg: TrainConfig) -> tuple[int, list, float]:
+    """The step's micro-batches as engine items (scale included), its epoch and its real tokens.
+
+    Every stage draws the same micro-batches (same data-parallel shard), so all agree on the epoch
+    and the number of steps; the engine reads them only on the first and last stages.
+    """
+    micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+    local = [sum(trained_count(b) for _, b in micro), sum(real_tokens(b) for _, b in micro)]
+    global_count, step_tokens = dp_sum(local, engine.grid.get_data_parallel_group())
+    scale = step_scale(global_count, engine.grid.get_data_parallel_world_size(), len(micro))
+    return micro[-1][0], [pipeline_batch(b, scale) for _, b in micro], step_tokens
+
+
+def _loop(cfg, engine, scheduler, batches, tokenizer, model_config, total_steps, steps_per_epoch):
+    import torch.distributed as dist
+
+    rank, out = dist.get_rank(), Path(cfg.output_dir)
+    stream = batches.stream()
+    metrics_f = (out / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+    bar = tqdm(total=total_steps, desc="train", disable=rank != 0, dynamic_ncols=True)
+    last: dict[str, float] = {}
+    epoch, t_last, tokens_since = 0, time.perf_counter(), 0.0
+    for step in range(1, total_steps + 1):
+        epoch, items, step_tokens = next_step(stream, engine, cfg)
+        # Already the per-token loss of the step: the mean over micro-batches and replicas of
+        # loss_sum * scale (see step_scale), broadcast from the last stage.
+        loss = float(engine.train_batch(data_iter=iter(items)))
+        tokens_since += step_tokens
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            last = {
+                "step": step,
+                "epoch": round(step / max(steps_per_epoch, 1), 4),
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_since / (now - t_last),
+            }
+            t_last, tokens_since = now, 0.0
+            if rank == 0:
+                logger.info(
+                    f"step {step}/{total_steps} | loss {loss:.4f} | lr {last['lr']:.2e} | "
+                    f"tok/s {last['tokens_per_s']:,.0f} | epoch {last['epoch']:.2f}"
+                )
+                metrics_f.write(json.dumps(last) + "\n")
+                metrics_f.flush()
+        if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+            save_pipeline_checkpoint(engine, cfg, tokenizer, model_config, step, epoch)
+    bar.close()
+    path = save_pipeline_checkpoint(engine, cfg, tokenizer, model_config, total_steps, epoch)
+    if rank == 0:
+        logger.info(f"saved checkpoint {path}")
+        write_json(out / "final_metrics.json", last)
+        metrics_f.close()
+    return last
+
+
+def main() -> None:
+    import argparse
+    import sys
+    import warnings
+
+    from chatkit.config import ConfigError, load_config
+
+    # torch's gloo path warns on every collective DeepSpeed makes; the message is not actionable here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML recipe in config/")
+    p.add_argument("overrides", nargs="*", help="key=value settings that override the recipe")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    args = p.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    train_pipeline(cfg)
+
+
+if __name__ == "__main__":
+    main()

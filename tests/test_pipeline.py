@@ -1,0 +1,169 @@
+"""Pipeline parallelism (DeepSpeed PipelineModule) against the plain trainer.
+
+The pipelined layers must compute the HF model's logits on packed rows, and a 2-stage run on 2 CPU
+ranks must take the same steps as the plain trainer on 1 rank over the same micro-batches: equal
+losses step for step and equal final weights (the pipeline's per-layer files read back through
+pipeline_state_to_hf, the reference's through export.load_deepspeed_weights).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatkit.conversation import write_conversations
+from chatkit.datasets.synthetic import make_splits
+from chatkit.pretrained import prepare_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_llama(neox_dir: Path, out: Path) -> None:
+    """A seeded 3-layer, 64-wide Llama with grouped-query attention and tied embeddings, reusing
+    the tiny GPT-NeoX tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from chatkit.models import save_base
+
+    tok = AutoTokenizer.from_pretrained(neox_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_base(LlamaForCausalLM(config), tok, out, "openchatkit")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    train, _ = make_splits(64, 0, seed=3)  # varied lengths: per-micro-batch averaging would show
+    write_conversations(root / "train.jsonl", train)
+    prepare_tiny(
+        [str(root / "train.jsonl")], str(root / "neox"), vocab_size=300, layers=2, hidden=64, heads=4
+    )
+    _tiny_llama(root / "neox", root / "llama")
+    return root
+
+
+def _launch(root: Path, name: str, ranks: int, overrides: list[str]) -> subprocess.Popen:
+    out = root / name
+    cmd = [
+        sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"train_files=[{root / 'train.jsonl'}]",
+        f"output_dir={out}", f"cache_dir={root / 'cache'}", "max_steps=3", "log_every=1", "warmup_steps=0",
+        "learning_rate=1e-3", "max_length=128", "micro_batch_size=2",
+        "--cpu-ranks", str(ranks), "--master-port", str(_port()), *overrides,
+    ]  # fmt: skip
+    log = (root / f"{name}.log").open("w")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(root: Path, name: str, proc: subprocess.Popen) -> Path:
+    rc = proc.wait(timeout=300)
+    assert rc == 0, (root / f"{name}.log").read_text()[-4000:]
+    return root / name
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in rows if "loss" in m]
+
+
+def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_ds: str) -> None:
+    from safetensors.torch import load_file
+
+    from chatkit.export import load_deepspeed_weights
+    from chatkit.pipeline import pipeline_state_to_hf
+
+    common = [f"model={root / model}", *common]
+    # Side by side: most of each run is start-up, which overlaps well even on 2 cores.
+    procs = {
+        f"{model}-pipe": _launch(
+            root, f"{model}-pipe", 2, [*common, "pipeline_stages=2", f"deepspeed={pipe_ds}"]
+        ),
+        f"{model}-ref": _launch(root, f"{model}-ref", 1, common),
+    }
+    pipe, ref = (_wait(root, name, p) for name, p in procs.items())
+    assert "2 pipeline stages x 1 data-parallel" in (root / f"{model}-pipe.log").read_text()
+    tag = pipe / "checkpoints" / "step3"
+    assert (pipe / "checkpoints" / "latest").read_text().strip() == "step3"
+    assert {"chatkit.json", "train_config.yaml", "config.json", "tokenizer.json"} <= {
+        p.name for p in tag.iterdir()
+    }
+
+    lp, lr = _losses(pipe), _losses(ref)
+    assert len(lp) == 3
+    assert max(abs(a - b) for a, b in zip(lp, lr, strict=True)) < 1e-4, (lp, lr)
+    wp, wr = pipeline_state_to_hf(tag), load_deepspeed_weights(ref / "checkpoints")
+    assert set(wp) == set(wr)
+    diff = {n: float((wp[n] - wr[n].detach()).abs().max()) for n in wp}
+    assert max(diff.values()) < 1e-4, diff
+    base = load_file(str(root / model / "model.safetensors"))
+    assert any(not torch.equal(base[n], wp[n]) for n in wp if n in base)  # training moved the weights
+
+
+@pytest.mark.parametrize("model", ["neox", "llama"])
+def test_pipeline_layers_compute_the_hf_logits_on_packed_rows(root, model):
+    from transformers import AutoModelForCausalLM
+
+    from chatkit.data import block_causal_mask, collate_rows
+    from chatkit.pipeline import layer_specs
+    from chatkit.tokenization import Encoded
+
+    hf = AutoModelForCausalLM.from_pretrained(root / model).eval()
+    rows = [
+        [Encoded([5, 6, 7, 8], [5, 6, 7, 8]), Encoded([9, 10, 11], [9, 10, 11])],
+        [Encoded([12, 13], [12, 13])],
+    ]
+    batch = collate_rows(rows, pad_id=1)
+    x = (batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+    with torch.no_grad():
+        for spec in layer_specs(hf):
+            module = spec.build()
+            x = spec.forward_fn(module, x) if getattr(spec, "forward_fn", None) else module(x)
+        mask = block_causal_mask(batch["segment_ids"], torch.float32)
+        ref = hf(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    assert torch.allclose(x, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["neox", "llama"])
+def test_hf_key_map_covers_every_weight(root, model):
+    from transformers import AutoModelForCausalLM
+
+    from chatkit.pipeline import hf_key, layer_specs
+
+    hf = AutoModelForCausalLM.from_pretrained(root / model)
+    names = set()
+    for idx, spec in enumerate(layer_specs(hf)):
+        if getattr(spec, "forward_fn", None) is None:  # a tied copy saves no file of its own
+            names |= {hf_key(hf.config, idx, k) for k in spec.build().state_dict()} - {None}
+    expected = set(hf.state_dict()) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
+    assert names == expected
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gpt_neox_packed_with_accumulation_matches_plain_trainer(root):
+    _compare_with_plain_trainer(root, "neox", ["pack=true", "gradient_accumulation_steps=2"], "pipeline")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_llama_gqa_tied_unpacked_checkpointed_matches_plain_trainer(root):
+    ds = json.loads((REPO / "dsconfig" / "pipeline.json").read_text())
+    ds["pipeline"]["activation_checkpoint_interval"] = 1
+    (root / "pipeline_ckpt.json").write_text(json.dumps(ds))
+    _compare_with_plain_trainer(root, "llama", ["pack=false"], str(root / "pipeline_ckpt.json"))

@@ -1,0 +1,213 @@
+"""Runs that must agree or survive, through the real deepspeed launcher on CPU ranks (gloo):
+
+- ZeRO-3 on 2 ranks takes the same steps as a single process (loss to 1e-4, weights to 1e-4);
+- a run killed with SIGKILL (mid-training, or while saving) and resumed with resume=auto ends with
+  the weights of the uninterrupted run;
+- LoRA leaves the base weights untouched; QLoRA (4-bit NF4 base, 8-bit AdamW) trains on CPU;
+- two launcher invocations as two nodes on loopback form one run;
+- evaluation logs validation loss and sample replies; wandb works offline; the curves PNG is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatkit.conversation import write_conversations
+from chatkit.datasets.synthetic import make_splits
+from chatkit.export import load_deepspeed_weights
+from chatkit.pretrained import prepare_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+STEPS = 6
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    train, val = make_splits(160, 8, seed=2)
+    write_conversations(root / "train.jsonl", train)
+    write_conversations(root / "val.jsonl", val)
+    prepare_tiny(
+        [str(root / "train.jsonl")], str(root / "base"), vocab_size=300, layers=2, hidden=64, heads=4
+    )
+    return root
+
+
+def launch(root: Path, name: str, *args: str, ranks: int = 2, env: dict | None = None, ok: bool = True):
+    cmd = [
+        sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={root / 'base'}",
+        f"train_files=[{root / 'train.jsonl'}]", f"output_dir={root / name}", f"cache_dir={root / 'cache'}",
+        f"max_steps={STEPS}", "log_every=1", "warmup_steps=0", "learning_rate=2e-3", "max_length=128",
+        "--cpu-ranks", str(ranks), "--master-port", str(_port()), *args,
+    ]  # fmt: skip
+    r = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+    if ok:
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    else:
+        assert r.returncode != 0
+    return r
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run) if "loss" in m}
+
+
+EVAL = ["eval_every=3", 'eval_prompts=["What is 2 + 2?"]']
+
+
+@pytest.fixture(scope="module")
+def reference(root) -> Path:
+    """2 ranks, ZeRO-3, checkpoints every 2 steps, validation, samples, wandb offline."""
+    launch(
+        root, "ref", "micro_batch_size=2", "save_every=2", f"val_files=[{root / 'val.jsonl'}]", *EVAL,
+        "train_log_backend=[loguru,wandb]", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )  # fmt: skip
+    return root / "ref"
+
+
+def test_zero3_on_two_ranks_matches_one_process(root, reference):
+    single = root / "single"
+    launch(
+        root,
+        "single",
+        "micro_batch_size=4",
+        "save_every=2",
+        f"val_files=[{root / 'val.jsonl'}]",
+        *EVAL,
+        ranks=1,
+    )
+    ref, one = losses(reference), losses(single)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert abs(ref[step] - one[step]) < 1e-4, step
+    wa, wb = load_deepspeed_weights(reference / "checkpoints"), load_deepspeed_weights(single / "checkpoints")
+    assert max(float((wa[k] - wb[k]).abs().max().detach()) for k in wa) < 1e-4
+
+
+def test_evaluation_monitoring_and_retention(reference):
+    rows = metrics(reference)
+    val = [m for m in rows if "val_loss" in m]
+    assert [m["step"] for m in val] == [3, 6] and all(m["val_ppl"] > 1 for m in val)
+    samples = [m for m in rows if "samples" in m]
+    assert [m["step"] for m in samples] == [3, 6] and "What is 2 + 2?" in samples[0]["samples"]
+    assert (reference / "curves.png").stat().st_size > 1000
+    assert "step 6/6 | loss" in (reference / "train.log").read_text()
+    assert list((reference / "wandb").glob("offline-run-*"))
+    ckpts = reference / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step2", "step4", "step6"]
+    assert not list(ckpts.glob(".tmp-*")) and (ckpts / "latest").read_text() == "step6"
+
+
+def test_sigkill_then_resume_matches_uninterrupted(root, reference):
+    run = root / "killed"
+    launch(root, "killed", "micro_batch_size=2", "save_every=2", f"val_files=[{root / 'val.jsonl'}]", *EVAL,
+           env={"CHATKIT_FAULT": "step:5"}, ok=False)  # fmt: skip
+    assert (run / "checkpoints" / "latest").read_text() == "step4"
+    r = launch(root, "killed", "micro_batch_size=2", "save_every=2", f"val_files=[{root / 'val.jsonl'}]", *EVAL,
+               "resume=auto")  # fmt: skip
+    assert "at step 4" in r.stdout + r.stderr
+    assert losses(run)[6] == pytest.approx(losses(reference)[6], abs=1e-6)
+    wa, wb = load_deepspeed_weights(reference / "checkpoints"), load_deepspeed_weights(run / "checkpoints")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_sigkill_while_saving_keeps_last_good_checkpoint(root, reference):
+    run = root / "crash_in_save"
+    args = (
+        "micro_batch_size=2",
+        "save_every=2",
+        "keep_checkpoints=2",
+        f"val_files=[{root / 'val.jsonl'}]",
+        *EVAL,
+    )
+    launch(root, "crash_in_save", *args, env={"CHATKIT_FAULT": "save:4"}, ok=False)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step2"  # the half-saved step 4 never became current
+    assert (ckpts / ".tmp-step4").is_dir() and not (ckpts / "step4").exists()
+    r = launch(root, "crash_in_save", *args, "resume=auto")
+    assert "at step 2" in r.stdout + r.stderr
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step4", "step6"]  # keep_checkpoints=2
+    wa, wb = load_deepspeed_weights(reference / "checkpoints"), load_deepspeed_weights(ckpts)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_lora_leaves_base_weights_untouched(root):
+    run = root / "lora"
+    launch(
+        root,
+        "lora",
+        "micro_batch_size=2",
+        "lora_r=4",
+        "lora_alpha=8",
+        "deepspeed=zero2",
+        "learning_rate=1e-2",
+    )
+    from transformers import AutoModelForCausalLM
+
+    # module names (transformers maps GPT-NeoX's on-disk embed_out to lm_head)
+    base = AutoModelForCausalLM.from_pretrained(root / "base").state_dict()
+    weights = load_deepspeed_weights(run / "checkpoints")
+    checked = 0
+    for name, w in weights.items():
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if "lora_" not in name:
+            assert torch.equal(w, base[plain]), name
+            checked += 1
+    assert checked == len(base)
+    adapter = load_file(str(run / "checkpoints" / "step6" / "adapter_model.safetensors"))
+    assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert losses(run)[STEPS] < losses(run)[1]
+
+
+def test_qlora_4bit_with_8bit_adamw_trains_on_cpu(root):
+    run = root / "qlora"
+    launch(root, "qlora", "micro_batch_size=2", "quantize=4bit", "lora_r=8", "lora_alpha=16", "optim=adamw8bit",
+           "deepspeed=zero0", "learning_rate=2e-2", "max_steps=12")  # fmt: skip
+    loss = losses(run)
+    first, second = [sum(loss[s] for s in r) / 6 for r in (range(1, 7), range(7, 13))]
+    assert second < first - 0.05, loss  # adapters on a frozen random 4-bit base: a slow but real fall
+    adapter = load_file(str(run / "checkpoints" / "step12" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_two_nodes_on_loopback(root, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={root / 'base'}",
+            f"train_files=[{root / 'train.jsonl'}]", f"output_dir={root / 'nodes'}", f"cache_dir={root / 'cache'}",
+            "max_steps=2", "micro_batch_size=2", "max_length=128", "log_every=1", "--hostfile", str(hostfile),
+            "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "2 rank(s)" in outs[0]
+    assert [m["step"] for m in metrics(root / "nodes")] == [1, 2]
