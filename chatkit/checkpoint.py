@@ -49,8 +49,20 @@ def _fault(point: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
-def save(engine, cfg: TrainConfig, tokenizer, step: int, rank: int, extra: dict[str, Any]) -> Path:
-    """Write `checkpoints/stepN` (DeepSpeed shards plus what export and chat need) atomically."""
+def save(
+    engine,
+    cfg: TrainConfig,
+    tokenizer,
+    step: int,
+    rank: int,
+    extra: dict[str, Any],
+    model_config=None,
+    meta=None,
+) -> Path:
+    """Write `checkpoints/stepN` (DeepSpeed shards plus what export and chat need) atomically.
+
+    `model_config` is needed when the engine's module is not a transformers model (a PipelineModule).
+    """
     import torch.distributed as dist
 
     root = checkpoint_root(cfg)
@@ -59,10 +71,9 @@ def save(engine, cfg: TrainConfig, tokenizer, step: int, rank: int, extra: dict[
         shutil.rmtree(root / tmp, ignore_errors=True)  # left by a crash during an earlier save
         (root / tmp).mkdir(parents=True)
         tokenizer.save_pretrained(root / tmp)
-        _model_config(engine.module).save_pretrained(root / tmp)
-        write_json(
-            root / tmp / "chatkit.json", {"template": cfg.template, "base_model": cfg.model, "step": step}
-        )
+        (model_config or _model_config(engine.module)).save_pretrained(root / tmp)
+        info = {"template": cfg.template, "base_model": cfg.model, "step": step, **(meta or {})}
+        write_json(root / tmp / "chatkit.json", info)
         save_config(cfg, root / tmp / "train_config.yaml")
     dist.barrier()
     state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}

@@ -73,8 +73,13 @@ def _merge_zero3(tag_dir: Path, model_states: dict[str, Any]) -> dict[str, torch
 
 
 def load_deepspeed_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of a DeepSpeed checkpoint (ZeRO stage 3, or stages 0-2 from the module)."""
+    """Full fp32 state dict of a DeepSpeed checkpoint: pipeline stages (per-layer files), ZeRO stage 3
+    partitions, or stages 0-2 from the module."""
     tag_dir = resolve_tag_dir(checkpoint)
+    if list(tag_dir.glob("layer_*-model_states.pt")):
+        from chatkit.pipeline import pipeline_state_to_hf
+
+        return pipeline_state_to_hf(tag_dir)
     model_files = _rank_files(tag_dir, "*model_states.pt")
     states = safe_load(model_files[0])
     stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))

@@ -13,7 +13,6 @@ per-token loss.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -22,9 +21,11 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
+from chatkit import checkpoint
 from chatkit.config import TrainConfig, save_config
 from chatkit.data import Batches, DataSource, describe, save_data_stats
 from chatkit.io import write_json
+from chatkit.monitor import Monitor
 from chatkit.pipeline import build_pipeline, pipeline_batch
 from chatkit.templates import get_template
 from chatkit.tokenization import add_template_tokens
@@ -73,30 +74,6 @@ def load_model(cfg: TrainConfig, tokenizer, added_tokens: int):
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     return model
-
-
-def save_pipeline_checkpoint(
-    engine, cfg: TrainConfig, tokenizer, model_config, step: int, epoch: int
-) -> Path:
-    """chatkit.trainer.save_checkpoint's layout for a PipelineEngine (whose module has no HF config).
-
-    Metadata first; DeepSpeed moves `latest` only after every stage has written its layers.
-    """
-    import torch.distributed as dist
-
-    root = Path(cfg.output_dir) / "checkpoints"
-    tag = f"step{step}"
-    if dist.get_rank() == 0:
-        (root / tag).mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(root / tag)
-        model_config.save_pretrained(root / tag)
-        meta = {"template": cfg.template, "base_model": cfg.model, "step": step, "pipeline": True}
-        write_json(root / tag / "chatkit.json", meta)
-        save_config(cfg, root / tag / "train_config.yaml")
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "epoch": epoch})
-    dist.barrier()
-    return root / tag
 
 
 def load_batches(cfg: TrainConfig, tokenizer, template, rank: int, dp_rank: int, dp_world: int) -> Batches:
@@ -185,16 +162,28 @@ def _loop(cfg, engine, scheduler, batches, tokenizer, model_config, total_steps,
     import torch.distributed as dist
 
     rank, out = dist.get_rank(), Path(cfg.output_dir)
-    stream = batches.stream()
-    metrics_f = (out / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
-    bar = tqdm(total=total_steps, desc="train", disable=rank != 0, dynamic_ncols=True)
+    start = 0
+    resume = checkpoint.find_resume(cfg)
+    if resume:
+        start = int(checkpoint.load(engine, *resume)["step"])
+        if rank == 0:
+            logger.info(f"resumed from {resume[0] / resume[1]} at step {start}")
+    stream = batches.stream(skip=start * cfg.gradient_accumulation_steps)
+    monitor = Monitor(cfg, out, rank == 0)
+    bar = tqdm(total=total_steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     last: dict[str, float] = {}
     epoch, t_last, tokens_since = 0, time.perf_counter(), 0.0
-    for step in range(1, total_steps + 1):
+
+    def save(step: int) -> Path:
+        extra = {"epoch": epoch}
+        return checkpoint.save(engine, cfg, tokenizer, step, rank, extra, model_config, {"pipeline": True})
+
+    for step in range(start + 1, total_steps + 1):
         epoch, items, step_tokens = next_step(stream, engine, cfg)
         # Already the per-token loss of the step: the mean over micro-batches and replicas of
         # loss_sum * scale (see step_scale), broadcast from the last stage.
         loss = float(engine.train_batch(data_iter=iter(items)))
+        checkpoint._fault("step", step)
         tokens_since += step_tokens
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
@@ -207,21 +196,15 @@ def _loop(cfg, engine, scheduler, batches, tokenizer, model_config, total_steps,
                 "tokens_per_s": tokens_since / (now - t_last),
             }
             t_last, tokens_since = now, 0.0
-            if rank == 0:
-                logger.info(
-                    f"step {step}/{total_steps} | loss {loss:.4f} | lr {last['lr']:.2e} | "
-                    f"tok/s {last['tokens_per_s']:,.0f} | epoch {last['epoch']:.2f}"
-                )
-                metrics_f.write(json.dumps(last) + "\n")
-                metrics_f.flush()
+            monitor.step(last, total_steps)
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
-            save_pipeline_checkpoint(engine, cfg, tokenizer, model_config, step, epoch)
+            save(step)
     bar.close()
-    path = save_pipeline_checkpoint(engine, cfg, tokenizer, model_config, total_steps, epoch)
+    path = save(total_steps)
     if rank == 0:
         logger.info(f"saved checkpoint {path}")
         write_json(out / "final_metrics.json", last)
-        metrics_f.close()
+    monitor.close()
     return last
 
 

@@ -9,6 +9,7 @@ pipeline_state_to_hf, the reference's through export.load_deepspeed_weights).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -59,7 +60,9 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def _launch(root: Path, name: str, ranks: int, overrides: list[str]) -> subprocess.Popen:
+def _launch(
+    root: Path, name: str, ranks: int, overrides: list[str], env: dict | None = None
+) -> subprocess.Popen:
     out = root / name
     cmd = [
         sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"train_files=[{root / 'train.jsonl'}]",
@@ -68,7 +71,8 @@ def _launch(root: Path, name: str, ranks: int, overrides: list[str]) -> subproce
         "--cpu-ranks", str(ranks), "--master-port", str(_port()), *overrides,
     ]  # fmt: skip
     log = (root / f"{name}.log").open("w")
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, **(env or {})}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def _wait(root: Path, name: str, proc: subprocess.Popen) -> Path:
@@ -114,6 +118,15 @@ def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_
     base = load_file(str(root / model / "model.safetensors"))
     assert any(not torch.equal(base[n], wp[n]) for n in wp if n in base)  # training moved the weights
 
+    # the stages export to one Hugging Face model with exactly those weights
+    from transformers import AutoModelForCausalLM
+
+    from chatkit.export import export_hf
+
+    exported = AutoModelForCausalLM.from_pretrained(export_hf(pipe / "checkpoints", root / f"{model}-hf"))
+    state = exported.state_dict()
+    assert all(torch.equal(state[n], wp[n]) for n in wp)
+
 
 @pytest.mark.parametrize("model", ["neox", "llama"])
 def test_pipeline_layers_compute_the_hf_logits_on_packed_rows(root, model):
@@ -157,7 +170,21 @@ def test_hf_key_map_covers_every_weight(root, model):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_gpt_neox_packed_with_accumulation_matches_plain_trainer(root):
-    _compare_with_plain_trainer(root, "neox", ["pack=true", "gradient_accumulation_steps=2"], "pipeline")
+    common = ["pack=true", "gradient_accumulation_steps=2"]
+    _compare_with_plain_trainer(root, "neox", common, "pipeline")
+
+    # killed with SIGKILL after step 3 (checkpoint at 2), resumed: the weights of the uninterrupted run
+    from chatkit.pipeline import pipeline_state_to_hf
+
+    args = [f"model={root / 'neox'}", *common, "pipeline_stages=2", "deepspeed=pipeline", "save_every=2"]
+    killed = _launch(root, "neox-killed", 2, args, env={"CHATKIT_FAULT": "step:3"})
+    assert killed.wait(timeout=300) != 0
+    assert (root / "neox-killed" / "checkpoints" / "latest").read_text() == "step2"
+    run = _wait(root, "neox-killed", _launch(root, "neox-killed", 2, [*args, "resume=auto"]))
+    assert "at step 2" in (root / "neox-killed.log").read_text()
+    a = pipeline_state_to_hf(root / "neox-pipe" / "checkpoints" / "step3")
+    b = pipeline_state_to_hf(run / "checkpoints" / "step3")
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
 
 @pytest.mark.slow
