@@ -1,7 +1,9 @@
-"""Base models: a registry of what the trainer can start from, and the embedded tiny model.
+"""Base models: a registry of what the trainer can start from, and the embedded tiny models.
 
-The tiny model (GPT-NeoX architecture, tokenizer trained locally) lets the demo and the tests run
-without downloading anything. Real base models join the registry with their hub ids.
+The tiny models (GPT-NeoX and Llama architectures, tokenizer trained locally) let the demo and the
+tests run without downloading anything. Real base models are registered with their hub ids, their
+shape and nominal size: `chatkit.launch --dry-run` plans a run from them without the weights.
+A recipe's `model: pretrained/<name>/model` names its registry entry by the folder.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ class ModelSpec:
     """Chat template fine-tunes of this model use by default."""
     hf_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    """Architecture hyper-parameters for models built from scratch."""
+    """Hugging Face config values: the whole shape of a model built from scratch; hidden_size,
+    num_hidden_layers, intermediate_size and max_position_embeddings of a real one (for plans)."""
     lora_targets: tuple[str, ...] = ()
+    params: int = 0
+    """Nominal parameter count (the model card's), for plans; 0: count from `config`."""
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -40,6 +45,43 @@ def get_model_spec(name: str) -> ModelSpec:
         return _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown base model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def spec_for_path(model: str) -> ModelSpec | None:
+    """The registry entry a recipe's `model` names: `pretrained/<name>/model`, `<name>` or a hub id."""
+    path = Path(model)
+    for name in (path.parent.name if path.name == "model" else path.name, model):
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+    return next((s for s in _REGISTRY.values() if s.hf_id == model), None)
+
+
+def nominal_params(spec: ModelSpec, vocab_size: int = 1024) -> int:
+    """The card's parameter count, or one counted from the shape (tiny models: `vocab_size`)."""
+    if spec.params:
+        return spec.params
+    c = spec.config
+    h, n, i = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+    mlp = (3 if spec.architecture == "llama" else 2) * h * i
+    return n * (4 * h * h + mlp) + 2 * vocab_size * h  # biases and norms left out
+
+
+def lora_params(spec: ModelSpec, r: int, targets: Iterable[str] = ()) -> int:
+    """Trainable parameters of rank-r LoRA on `targets` (default: the entry's): r x (in + out) each."""
+    c = spec.config
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = h * c.get("num_key_value_heads", c.get("num_attention_heads", 1)) // c.get("num_attention_heads", 1)
+    shapes = {
+        "query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h),
+        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }  # fmt: skip
+    per_layer = sum(sum(shapes[t]) for t in (targets or spec.lora_targets) if t in shapes)
+    return r * per_layer * c["num_hidden_layers"]
 
 
 register_model(
@@ -60,6 +102,51 @@ register_model(
         lora_targets=("query_key_value", "dense"),
     )
 )
+
+# The same shape as a Llama (RMSNorm, SwiGLU, rotary); same tokenizer as `tiny`.
+register_model(
+    ModelSpec(
+        name="tiny-llama",
+        architecture="llama",
+        template="openchatkit",
+        config=dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=344,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+        lora_targets=("q_proj", "v_proj"),
+    )
+)
+
+_NEOX_LORA = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _real(name, arch, template, hf_id, params, hidden, layers, inter, context) -> None:
+    config = dict(
+        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, max_position_embeddings=context
+    )
+    lora = _NEOX_LORA if arch == "gpt_neox" else _LLAMA_LORA
+    register_model(ModelSpec(name, arch, template, hf_id, config, lora, params))
+
+
+# Parameter counts are the model cards' (or the safetensors index's); shapes their config.json.
+_real("pythia-6.9b-deduped", "gpt_neox", "openchatkit", "EleutherAI/pythia-6.9b-deduped",
+      6_857_302_016, 4096, 32, 16384, 2048)  # fmt: skip
+_real("gpt-neox-20b", "gpt_neox", "openchatkit", "EleutherAI/gpt-neox-20b",
+      20_554_567_680, 6144, 44, 24576, 2048)  # fmt: skip
+_real("llama-2-7b-32k", "llama", "llama2", "togethercomputer/LLaMA-2-7B-32K",
+      6_738_415_616, 4096, 32, 11008, 32768)  # fmt: skip
+_real("open-llama-7b", "llama", "alpaca", "openlm-research/open_llama_7b",
+      6_738_415_616, 4096, 32, 11008, 2048)  # fmt: skip
+_real("llama-13b", "llama", "koala", "huggyllama/llama-13b",
+      13_015_864_320, 5120, 40, 13824, 2048)  # fmt: skip
+_real("llama-2-13b-chat", "llama", "llama2", "meta-llama/Llama-2-13b-chat-hf",
+      13_015_864_320, 5120, 40, 13824, 4096)  # fmt: skip
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, extra_tokens: Iterable[str] = ()):

@@ -9,6 +9,9 @@ from chatkit.conversation import iter_jsonl
 from chatkit.models import build_model, get_model_spec, save_base, train_tokenizer
 from chatkit.templates import get_template
 
+TINY_BY_ARCH = {"gpt_neox": "tiny", "llama": "tiny-llama"}
+"""The tiny registry entry of each architecture; `chatkit.launch --tiny` swaps it in for a recipe's base."""
+
 
 def _corpus_texts(paths: Sequence[str], template: str) -> Iterator[str]:
     tpl = get_template(template)
@@ -48,9 +51,13 @@ def prepare_tiny(
     layers: int | None = None,
     hidden: int | None = None,
     heads: int | None = None,
+    arch: str = "gpt_neox",
 ) -> int:
-    """Train a tokenizer on `corpus`, build the tiny model, save both to `out`; returns #params."""
-    spec = get_model_spec("tiny")
+    """Train a tokenizer on `corpus`, build the tiny model, save both to `out`; returns #params.
+
+    `arch` is gpt_neox (registry entry `tiny`) or llama (`tiny-llama`); the tokenizer is the same.
+    """
+    spec = get_model_spec(TINY_BY_ARCH[arch])
     tpl = get_template(template)
     tokenizer = train_tokenizer(_corpus_texts(corpus, template), vocab_size, extra_tokens=tpl.special_tokens)
     overrides = {}
@@ -58,9 +65,12 @@ def prepare_tiny(
         overrides["num_hidden_layers"] = layers
     if hidden:
         overrides["hidden_size"] = hidden
-        overrides["intermediate_size"] = 4 * hidden
+        # GPT-NeoX's MLP is 4x wide; Llama's SwiGLU about 8/3x, as its own configs have it.
+        overrides["intermediate_size"] = 4 * hidden if arch == "gpt_neox" else 8 * hidden // 3
     if heads:
         overrides["num_attention_heads"] = heads
+        if arch == "llama":
+            overrides["num_key_value_heads"] = heads
     model = build_model(spec, tokenizer, seed, **overrides)
     save_base(model, tokenizer, out, template)
     return sum(p.numel() for p in model.parameters())

@@ -233,6 +233,10 @@ def build_engine(cfg: TrainConfig, tokenizer, added_tokens: int, total_steps: in
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and cfg.max_length > context:
         raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens")
+    if cfg.precision == "fp16" and device.type == "cpu":
+        raise ValueError(
+            "precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32"
+        )
     ds_config = resolve_ds_config(cfg, model_config.hidden_size)
     adapters.check_engine(cfg, ds_config)
     # Keeps transformers aware of ZeRO-3, so large models are partitioned while they load.

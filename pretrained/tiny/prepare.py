@@ -1,6 +1,7 @@
-"""Build the tiny GPT-NeoX base model with a tokenizer trained locally: nothing is downloaded.
+"""Build the tiny GPT-NeoX (or Llama) base model with a tokenizer trained locally: nothing is downloaded.
 
     python pretrained/tiny/prepare.py --corpus data/demo/files/train.jsonl --out pretrained/tiny/model
+    python pretrained/tiny/prepare.py --arch llama --corpus data/demo/files/train.jsonl --out pretrained/tiny-llama/model
 
 The corpus is conversation JSONL or plain text files; without --corpus the demo's synthetic tasks
 are used. The weights are random (seeded): the model learns everything during fine-tuning.
@@ -8,24 +9,39 @@ are used. The weights are random (seeded): the model learns everything during fi
 
 import argparse
 
-from chatkit.pretrained import prepare_tiny
+from chatkit.pretrained import TINY_BY_ARCH, prepare_tiny
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", nargs="*", default=[], help="JSONL conversations or .txt files")
-    p.add_argument("--out", default="pretrained/tiny/model", help="output Hugging Face folder")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--layers", type=int, help="override the registry's number of layers")
     p.add_argument("--hidden", type=int, help="override the hidden size")
     p.add_argument("--heads", type=int, help="override the number of attention heads")
     p.add_argument("--template", default="openchatkit", help="chat template the model will use")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    n = prepare_tiny(
-        args.corpus, args.out, args.vocab_size, args.template, args.seed, args.layers, args.hidden, args.heads
+    p.add_argument(
+        "--arch",
+        choices=sorted(TINY_BY_ARCH),
+        default="gpt_neox",
+        help="architecture (same tokenizer either way)",
     )
-    print(f"wrote tiny GPT-NeoX base ({n:,} parameters) to {args.out}")
+    p.add_argument("--out", help="output Hugging Face folder (default: pretrained/tiny[-llama]/model)")
+    args = p.parse_args()
+    out = args.out or f"pretrained/{TINY_BY_ARCH[args.arch]}/model"
+    n = prepare_tiny(
+        args.corpus,
+        out,
+        args.vocab_size,
+        args.template,
+        args.seed,
+        args.layers,
+        args.hidden,
+        args.heads,
+        args.arch,
+    )
+    print(f"wrote tiny {args.arch} base ({n:,} parameters) to {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""What a run will take, from the resolved config and the model registry alone (no weights, no data).
+
+`chatkit.launch --dry-run` prints it: world size, pipeline x data parallelism, global batch, tokens
+per step, precision, ZeRO stage, adapters, and an estimate of the memory each GPU needs for the
+weights, the gradients and the Adam states (activations are not estimated).
+
+The estimate is the ZeRO paper's (Rajbhandari et al., 2020): per trained parameter, w bytes of
+weights, g of gradients and o of optimizer states: bf16/fp16 training keeps 2 + 2 + 12 (fp32
+master copy, Adam m and v), fp32 training 4 + 4 + 8; 8-bit AdamW stores m and v in 1 byte each.
+Stage 1 shards o over the data-parallel ranks, stage 2 also g, stage 3 also w; offload moves o (and,
+for zero3_offload, w) to CPU memory. A pipeline stage holds 1/stages of the model. A frozen LoRA
+base costs its weights only: 0.5 bytes a parameter in 4-bit NF4, 1 in 8-bit, else w.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatkit.config import TrainConfig
+from chatkit.models import lora_params, nominal_params, spec_for_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class World:
+    ranks: int
+    nodes: int
+    per_node: int
+    gpu: bool
+
+
+def ds_preset(name: str) -> dict:
+    """The DeepSpeed preset a recipe names (dsconfig/<name>.json or a path); {} when there is none."""
+    path = Path(name)
+    if not path.is_file():
+        path = REPO_ROOT / "dsconfig" / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def memory_per_gpu(cfg: TrainConfig, params: int, trainable: int, dp: int) -> tuple[dict[str, float], str]:
+    """Bytes per GPU for weights, gradients and optimizer states, and the formula that gave them."""
+    zero = ds_preset(cfg.deepspeed).get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    w = g = 4 if cfg.precision == "fp32" else 2
+    o = (2 if cfg.optim == "adamw8bit" else 8) + (0 if cfg.precision == "fp32" else 4)
+    p = cfg.pipeline_stages
+    shard_o = dp if stage >= 1 else 1
+    shard_g = dp if stage >= 2 else 1
+    shard_w = dp if stage >= 3 else 1
+    opt_on_gpu = 0 if "offload_optimizer" in zero else 1
+    w_on_gpu = 0 if "offload_param" in zero else 1
+    if cfg.lora_r:
+        base_bytes = {"4bit": 0.5, "8bit": 1.0}.get(cfg.quantize, w)
+        weights = params * base_bytes / (shard_w if not cfg.quantize else 1) + trainable * w / shard_w
+        formula = (
+            f"base {base_bytes:g} B x {_count(params)}{f' / {shard_w} (ZeRO-3)' if shard_w > 1 else ''}"
+            f" + LoRA ({w} + {g} + {o} B) x {_count(trainable)}"
+        )
+    else:
+        weights = params * w / (p * shard_w)
+        formula = f"({w} + {g} + {o} B) x {_count(params)}{f' / {p} stages' if p > 1 else ''}"
+    n = trainable / p
+    mem = {"weights": weights * w_on_gpu, "grads": n * g / shard_g, "optimizer": n * o / shard_o * opt_on_gpu}
+    if stage:
+        formula += f", ZeRO-{stage} over {dp} data-parallel rank(s)"
+    if not opt_on_gpu:
+        formula += ", optimizer states offloaded to CPU"
+    return mem, formula
+
+
+def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
+    spec = spec_for_path(cfg.model)
+    stages = cfg.pipeline_stages
+    dp = max(1, world.ranks // stages)
+    where = (
+        f"{world.per_node} GPU(s) x {world.nodes} node(s)" if world.gpu else f"{world.per_node} CPU rank(s)"
+    )
+    if not world.gpu and world.nodes > 1:
+        where = f"{world.per_node} CPU rank(s) x {world.nodes} node(s)"
+    lines = [f"world: {world.ranks} rank(s) = {where}"]
+    if spec is None:
+        lines.insert(0, f"model: {cfg.model} (not in chatkit.models: size unknown, no memory estimate)")
+    else:
+        params = nominal_params(spec)
+        hub = f"{spec.hf_id}, " if spec.hf_id else ""
+        lines.insert(0, f"model: {spec.name} ({hub}{spec.architecture}), {_count(params)} parameters")
+    lines.append(f"parallelism: {stages} pipeline stage(s) x {dp} data-parallel")
+    if world.ranks % stages:
+        lines.append(
+            f"warning: pipeline_stages={stages} needs a multiple of {stages} ranks, this launch has {world.ranks}"
+            f" (plan for other hardware with --num-gpus N, or set pipeline_stages)"
+        )
+    gas, micro = cfg.gradient_accumulation_steps, cfg.micro_batch_size
+    batch = micro * dp * gas
+    lines.append(
+        f"global batch: {micro} micro x {dp} DP x {gas} accumulation = {batch} rows of {cfg.max_length}"
+    )
+    tokens = batch * cfg.max_length
+    lines.append(
+        f"tokens per step: {batch} x {cfg.max_length} = {tokens:,} at most "
+        + ("(packed rows are nearly full)" if cfg.pack else "(one conversation a row: the rest is padding)")
+    )
+    stage = ds_preset(cfg.deepspeed).get("zero_optimization", {}).get("stage", "?")
+    lines.append(
+        f"precision: {cfg.precision}; deepspeed: {cfg.deepspeed} (ZeRO stage {stage}); optimizer: {cfg.optim}"
+    )
+    if cfg.lora_r:
+        kind = f"QLoRA ({cfg.quantize} base)" if cfg.quantize else "LoRA"
+        targets = cfg.lora_targets or (list(spec.lora_targets) if spec else ["(all linear)"])
+        lines.append(
+            f"adapters: {kind} r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} on {','.join(targets)}"
+        )
+    else:
+        lines.append("adapters: none (every weight trains)")
+    if cfg.max_steps:
+        lines.append(
+            f"steps: {cfg.max_steps:,} (max_steps) = {_count(cfg.max_steps * tokens)} tokens at most"
+        )
+    else:
+        lines.append(
+            f"steps: {cfg.epochs:g} epoch(s); the count depends on the data (see the run's first log line)"
+        )
+    if spec is not None:
+        params = nominal_params(spec)
+        trainable = lora_params(spec, cfg.lora_r, cfg.lora_targets) if cfg.lora_r else params
+        mem, formula = memory_per_gpu(cfg, params, trainable, dp)
+        parts = " + ".join(f"{k} {_size(v)}" for k, v in mem.items())
+        lines.append(
+            f"memory per GPU: {_size(sum(mem.values()))} = {parts}; {formula}; activations not included"
+        )
+    return lines
