@@ -1,4 +1,5 @@
-"""Chat engine vs plain `model.generate`: time to first token and decode tokens/s, same model and prompt.
+"""Chat engine vs plain `model.generate`: time to first token and decode tokens/s, same model and prompt;
+then the server's throughput (chatkit.serve on uvicorn, 127.0.0.1) with 8 concurrent clients.
 
     python bench/chat_latency.py [--quick]
 
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from chatkit.chat import ChatEngine, GenerationParams
+from chatkit.chat import ChatEngine, GenerationParams, StreamInfo
 from chatkit.conversation import Message
 from chatkit.pretrained import prepare_tiny
 from chatkit.tokenization import encode_prompt
@@ -32,13 +33,52 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def server_throughput(engine: ChatEngine, history: list[Message], n: int, clients: int = 8) -> dict:
+    """Completion tokens/s of the real server with `clients` concurrent chat requests of n tokens each."""
+    import socket
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import uvicorn
+
+    from chatkit.serve import ServerConfig, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(engine, ServerConfig("bench", GenerationParams(max_new_tokens=n, sample=False)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"messages": [m.to_dict() for m in history], "max_tokens": n, "temperature": 0}
+
+    def ask(_: int) -> int:
+        r = httpx.post(url, json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    ask(0)  # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(ask, range(clients)))
+    wall = time.perf_counter() - t0
+    server.should_exit = True
+    thread.join(timeout=10)
+    return {"server_clients": clients, "server_tokens_per_s": round(tokens / wall, 1),
+            "server_wall_s": round(wall, 2)}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    hidden, layers, repeats = (128, 4, 3) if args.quick else (512, 8, 5)
+    hidden, layers, repeats = (128, 4, 5) if args.quick else (512, 8, 7)
     with tempfile.TemporaryDirectory() as d:
         prepare_tiny([], d, vocab_size=1024, layers=layers, hidden=hidden, heads=8)
         engine = ChatEngine.from_pretrained(d, device="cpu")
@@ -46,7 +86,6 @@ def main() -> None:
     engine.template = dataclasses.replace(engine.template, stop_strings=())
     history = [Message("user", "Reverse the words: " + " ".join(["apple river stone"] * 8))]
     n = args.new_tokens
-    params = GenerationParams(max_new_tokens=n, sample=False)
     ids = torch.tensor([encode_prompt(engine.tokenizer, engine.template, history)])
     model = engine.model
 
@@ -57,16 +96,24 @@ def main() -> None:
                 pad_token_id=engine.tokenizer.pad_token_id,
             )  # fmt: skip
 
-    def engine_tokens(k: int):
-        return sum(1 for _ in engine.stream(history, GenerationParams(max_new_tokens=k, sample=False)))
+    def engine_tokens(k: int) -> int:
+        info = StreamInfo()
+        for _ in engine.stream(history, GenerationParams(max_new_tokens=k, sample=False), info=info):
+            pass
+        return info.completion_tokens
 
-    generate(4), engine_tokens(4)  # warm-up
+    # Both sides must really decode n tokens, or the rates below mean nothing.
+    assert engine_tokens(n) == n and generate(n).shape[1] - ids.shape[1] == n
     gen_ttft = timed(lambda: generate(1), repeats)
-    eng_ttft = timed(lambda: engine.reply(history, GenerationParams(max_new_tokens=1, sample=False)), repeats)
+    eng_ttft = timed(lambda: engine_tokens(1), repeats)
     gen_total = timed(lambda: generate(n), repeats)
-    eng_total = timed(lambda: engine.reply(history, params), repeats)
-    gen_tps = (n - 1) / max(gen_total - gen_ttft, 1e-9)
-    eng_tps = (n - 1) / max(eng_total - eng_ttft, 1e-9)
+    eng_total = timed(lambda: engine_tokens(n), repeats)
+    if min(gen_total - gen_ttft, eng_total - eng_ttft) <= 0:
+        raise SystemExit(
+            "timing noise exceeds the decode time; rerun on a quiet machine or raise --new-tokens"
+        )
+    gen_tps = (n - 1) / (gen_total - gen_ttft)
+    eng_tps = (n - 1) / (eng_total - eng_ttft)
     result = {
         "bench": "chat_latency",
         "model": f"gpt_neox {layers}x{hidden}",
@@ -77,7 +124,9 @@ def main() -> None:
         "generate_decode_tokens_per_s": round(gen_tps, 1),
         "engine_decode_tokens_per_s": round(eng_tps, 1),
         "engine_over_generate_decode": round(eng_tps / gen_tps, 3),
+        "engine_over_generate_ttft": round(eng_ttft / gen_ttft, 3),
     }
+    result.update(server_throughput(engine, history, n))
     print(json.dumps(result))
 
 

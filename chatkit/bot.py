@@ -1,7 +1,8 @@
 """The interactive shell: OpenChatKit's bot.py, on the shared chat engine.
 
-On a terminal it shows a prompt and streams replies. When stdin is not a terminal it reads one user
-turn per line, prints each reply on its own line, and exits 0 at the end of input.
+On a terminal it shows a prompt and streams replies; Ctrl-C stops a reply and keeps what was said,
+Ctrl-D (end of input) leaves. When stdin is not a terminal it reads one user turn or command per line,
+prints each reply on its own line, and exits 0 at the end of input.
 """
 
 from __future__ import annotations
@@ -10,21 +11,56 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
-from chatkit.chat import ChatEngine, GenerationParams
-from chatkit.conversation import Message
+from chatkit.chat import ChatEngine, ContextProvider, GenerationError, GenerationParams, with_context
+from chatkit.conversation import Conversation, ConversationError, Message, read_jsonl, write_conversations
 
 HELP = """commands:
   /help             this help
   /quit             leave (Ctrl-D does too)
   /reset            forget the conversation (keeps the system prompt)
-  /raw_prompt       show the exact prompt the model sees for the next reply
+  /regen            answer the last user turn again
+  /undo             take back the last user turn and its reply
+  /system [TEXT]    set the system prompt (without TEXT: show it)
+  /set NAME VALUE   change temperature, top_k, top_p, max_tokens or sample (true/false)
   /hyperparameters  show the generation settings
-anything else is sent to the model as your next turn."""
+  /raw_prompt       show the exact prompt the model sees for the next reply
+  /raw_say TEXT     send TEXT to the model as is (no template, not kept in the conversation)
+  /save FILE        write the conversation to FILE (conversation JSONL)
+  /load FILE        read a conversation from FILE (the first line of a conversation JSONL)
+  /context          show the passages retrieved for the last turn
+anything else is sent to the model as your next turn; Ctrl-C stops a reply and keeps what was said."""
+
+# /set NAME -> (GenerationParams field, parser, check, what a good value is)
+_BOOLS = {
+    "true": True,
+    "on": True,
+    "1": True,
+    "yes": True,
+    "false": False,
+    "off": False,
+    "0": False,
+    "no": False,
+}
+SETTINGS: dict[str, tuple[str, Callable[[str], object], Callable[[object], bool], str]] = {
+    "temperature": ("temperature", float, lambda v: v >= 0, "a number >= 0"),
+    "top_k": ("top_k", int, lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "top_p": ("top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "max_tokens": ("max_new_tokens", int, lambda v: v >= 1, "an integer >= 1"),
+    "sample": ("sample", lambda s: _BOOLS[s.lower()], lambda v: True, "true or false"),
+}
 
 
 class ChatShell:
+    """The conversation plus the commands that act on it; `out` receives everything it prints.
+
+    `context_provider` is retrieval's hook: called with the conversation (ending with the new user
+    turn) before each reply, its passages are added to the system prompt of that turn's prompt only
+    (see `chatkit.chat.with_context`); the history keeps the plain turns. `/context` shows them.
+    """
+
     def __init__(
         self,
         engine: ChatEngine,
@@ -33,21 +69,33 @@ class ChatShell:
         stream: bool = True,
         out: TextIO = sys.stdout,
         seed: int | None = None,
+        context_provider: ContextProvider | None = None,
     ):
         self.engine, self.params, self.stream, self.out, self.seed = engine, params, stream, out, seed
         self.system = system
+        self.context_provider = context_provider
+        self.last_context: list[str] | None = None
         self.history: list[Message] = []
         self.reset()
         self.commands: dict[str, Callable[[str], bool]] = {
             "/help": self._help,
             "/quit": lambda _: False,
             "/reset": self._reset,
-            "/raw_prompt": self._raw_prompt,
+            "/regen": self._regen,
+            "/undo": self._undo,
+            "/system": self._system,
+            "/set": self._set,
             "/hyperparameters": self._hyperparameters,
+            "/raw_prompt": self._raw_prompt,
+            "/raw_say": self._raw_say,
+            "/save": self._save,
+            "/load": self._load,
+            "/context": self._context,
         }
 
     def reset(self) -> None:
         self.history = [Message("system", self.system)] if self.system else []
+        self.last_context = None
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False means the user asked to quit."""
@@ -60,27 +108,45 @@ class ChatShell:
             if cmd is None:
                 self._print(f"unknown command {name}; /help lists them")
                 return True
-            return cmd(arg)
+            return cmd(arg.strip())
         self.say(line)
         return True
 
     def say(self, text: str) -> str:
         """Send a user turn, print the reply (streamed or whole), keep both in the history."""
         self.history.append(Message("user", text))
+        return self._respond()
+
+    def _respond(self) -> str:
+        """Answer the conversation, which ends with a user turn; the reply joins the history."""
+        messages = self.history
+        if self.context_provider is not None:
+            self.last_context = list(self.context_provider(list(self.history)) or [])
+            messages = with_context(self.history, self.last_context)
+        try:
+            reply = self._emit(self.engine.stream(messages, self.params, self.seed))
+        except (ValueError, GenerationError) as e:  # e.g. a turn longer than the context
+            self.history.pop()
+            self._print(f"error: {e}")
+            return ""
+        self.history.append(Message("assistant", reply))
+        return reply
+
+    def _emit(self, pieces_iter) -> str:
+        """Print a stream of pieces (or the whole text at the end); Ctrl-C stops it, keeping the text."""
         pieces: list[str] = []
         try:
-            for piece in self.engine.stream(self.history, self.params, self.seed):
+            for piece in pieces_iter:
                 pieces.append(piece)
                 if self.stream:
                     self.out.write(piece)
                     self.out.flush()
         except KeyboardInterrupt:
             pass  # Ctrl-C stops the reply; what was said so far is kept
-        reply = "".join(pieces)
-        self.out.write(("" if self.stream else reply) + "\n")
+        text = "".join(pieces)
+        self.out.write(("" if self.stream else text) + "\n")
         self.out.flush()
-        self.history.append(Message("assistant", reply))
-        return reply
+        return text
 
     def _print(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -95,13 +161,111 @@ class ChatShell:
         self._print("(conversation reset)")
         return True
 
-    def _raw_prompt(self, _: str) -> bool:
-        self._print(self.engine.raw_prompt(self.history))
+    def _regen(self, _: str) -> bool:
+        if self.history and self.history[-1].role == "assistant":
+            self.history.pop()
+        if not self.history or self.history[-1].role != "user":
+            self._print("(nothing to regenerate)")
+            return True
+        self._respond()
+        return True
+
+    def _undo(self, _: str) -> bool:
+        last_user = max((i for i, m in enumerate(self.history) if m.role == "user"), default=None)
+        if last_user is None:
+            self._print("(nothing to undo)")
+            return True
+        self.history = self.history[:last_user]
+        self._print("(took back the last turn)")
+        return True
+
+    def _system(self, text: str) -> bool:
+        if not text:
+            self._print(self.system if self.system else "(no system prompt)")
+            return True
+        self.system = text
+        rest = self.history[1:] if self.history and self.history[0].role == "system" else self.history
+        self.history = [Message("system", text), *rest]
+        self._print("(system prompt set)")
+        return True
+
+    def _set(self, arg: str) -> bool:
+        name, _, value = arg.partition(" ")
+        value = value.strip()
+        if name not in SETTINGS or not value:
+            self._print(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTINGS)}")
+            return True
+        field, parse, ok, want = SETTINGS[name]
+        try:
+            parsed = parse(value)
+        except (ValueError, KeyError):
+            parsed = None
+        if parsed is None or not ok(parsed):
+            self._print(f"bad value for {name}: {value!r} (want {want})")
+            return True
+        setattr(self.params, field, parsed)
+        self._print(f"{field}: {parsed}")
         return True
 
     def _hyperparameters(self, _: str) -> bool:
         for k, v in self.params.as_dict().items():
             self._print(f"{k}: {v}")
+        return True
+
+    def _raw_prompt(self, _: str) -> bool:
+        self._print(self.engine.raw_prompt(self.history))
+        return True
+
+    def _raw_say(self, text: str) -> bool:
+        if not text:
+            self._print("usage: /raw_say TEXT")
+            return True
+        try:
+            self._emit(self.engine.complete(text, self.params, self.seed))
+        except (ValueError, GenerationError) as e:
+            self._print(f"error: {e}")
+        return True
+
+    def _save(self, path: str) -> bool:
+        if not path:
+            self._print("usage: /save FILE")
+            return True
+        try:
+            write_conversations(path, [Conversation(tuple(self.history), source="chatkit.bot")])
+        except OSError as e:
+            self._print(f"error: cannot write {path}: {e}")
+            return True
+        self._print(f"(saved {len(self.history)} messages to {path})")
+        return True
+
+    def _load(self, path: str) -> bool:
+        if not path:
+            self._print("usage: /load FILE")
+            return True
+        try:
+            convs = read_jsonl(Path(path))
+        except (OSError, ConversationError) as e:
+            self._print(f"error: cannot load {path}: {e}")
+            return True
+        if not convs:
+            self._print(f"error: {path} holds no conversation")
+            return True
+        self.history = [Message(m.role, m.content) for m in convs[0].messages]
+        self.system = self.history[0].content if self.history[0].role == "system" else None
+        self.last_context = None
+        self._print(f"(loaded {len(self.history)} messages from {path})")
+        return True
+
+    def _context(self, _: str) -> bool:
+        if self.context_provider is None:
+            self._print("(no retrieval)")
+        elif self.last_context is None:
+            self._print("(nothing retrieved yet)")
+        elif not self.last_context:
+            self._print("(nothing retrieved for the last turn)")
+        else:
+            for i, passage in enumerate(self.last_context, 1):
+                self._print(f"[{i}] {passage}")
         return True
 
 
@@ -115,7 +279,7 @@ def run_interactive(shell: ChatShell) -> None:
         except EOFError:
             shell._print("")
             return
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line being typed
             shell._print("")
             continue
         if not shell.handle(line):
@@ -123,34 +287,115 @@ def run_interactive(shell: ChatShell) -> None:
 
 
 def run_piped(shell: ChatShell, stdin: TextIO) -> None:
-    for line in stdin:
-        if not shell.handle(line.rstrip("\n")):
-            return
+    """One line per turn or command until /quit or the end of input (never reads past it)."""
+    try:
+        for line in stdin:
+            if not shell.handle(line.rstrip("\n")):
+                return
+    except KeyboardInterrupt:  # Ctrl-C between replies ends piped input
+        return
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Chat with a model in the terminal. Piped stdin: one user turn per line.",
+        description="Chat with a model in the terminal. Piped stdin: one user turn or command per line.",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="Hugging Face folder (e.g. outputs/demo/hf)")
     p.add_argument("--template", help="chat template (default: the one recorded in the model folder)")
-    p.add_argument("--max-tokens", type=int, default=128, help="most tokens per reply (default 128)")
-    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True, help="sample or greedy")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=1.0)
+    add_generation_args(p)
     p.add_argument("--no-stream", action="store_true", help="print each reply whole")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, help="seed for sampling")
+    add_retrieval_args(p)
+    add_loading_args(p)
     return p
 
 
+def add_generation_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens per reply ({max_tokens})")
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True, help="sample or greedy")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0.6)")
+    p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens (40; 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+
+
+def add_loading_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto)")
+    p.add_argument("--gpu-id", type=int, default=0, help="which GPU, for --device cuda/auto (0)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (bf16 on GPU, else fp32)")
+    p.add_argument("--gpu-vram", type=float, help="GiB of the GPU to use; with --cpu-ram, spreads the model")
+    p.add_argument(
+        "--cpu-ram", type=float, help="GiB of CPU memory to use for layers that do not fit the GPU"
+    )
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--load-in-8bit", action="store_true", help="quantize weights to 8 bits (bitsandbytes)")
+    q.add_argument("--load-in-4bit", action="store_true", help="quantize weights to 4-bit NF4 (bitsandbytes)")
+
+
+def engine_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ChatEngine:
+    """Load the engine as the loading flags say; a bad flag or model folder exits with a message."""
+    if (args.gpu_vram is None) != (args.cpu_ram is None):
+        p.error("--gpu-vram and --cpu-ram go together (as in OpenChatKit); 0 leaves a device out")
+    max_memory = None
+    if args.gpu_vram is not None:
+        max_memory = {}
+        if args.gpu_vram > 0:
+            max_memory[args.gpu_id] = f"{args.gpu_vram}GiB"
+        if args.cpu_ram > 0:
+            max_memory["cpu"] = f"{args.cpu_ram}GiB"
+        if not max_memory:
+            p.error("--gpu-vram and --cpu-ram are both 0: nowhere to put the model")
+    device = f"cuda:{args.gpu_id}" if args.device == "cuda" else args.device
+    if device == "auto":
+        import torch
+
+        device = f"cuda:{args.gpu_id}" if torch.cuda.is_available() else "cpu"
+    quantize = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
+    try:
+        return ChatEngine.from_pretrained(args.model, args.template, device, args.dtype, max_memory, quantize)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: cannot load {args.model}: {e}")
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    return GenerationParams(args.max_tokens, args.sample, args.temperature, args.top_k, args.top_p)
+
+
+WIKIPEDIA_INDEX = "data/wikipedia-3sentence-level-retrieval-index/files"
+
+
+def add_retrieval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--retrieval", action="store_true", help="add passages retrieved from --index to each turn"
+    )
+    p.add_argument("--index", default=WIKIPEDIA_INDEX, help=f"retrieval index folder ({WIKIPEDIA_INDEX})")
+    p.add_argument("--retrieval-k", type=int, default=1, help="passages per turn (1, as OpenChatKit)")
+
+
+def retrieval_from_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """--retrieval: passages from a Faiss index go into each turn's prompt (OpenChatKit's bot did this)."""
+    if not args.retrieval:
+        return None
+    from chatkit.retrieval.context import Retriever, context_provider
+    from chatkit.retrieval.passages import RetrievalError
+
+    try:
+        return context_provider(Retriever.from_dir(args.index), args.retrieval_k)
+    except (RetrievalError, FileNotFoundError, ValueError) as e:
+        p.error(f"--retrieval: {e}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    engine = ChatEngine.from_pretrained(args.model, args.template, args.device)
-    params = GenerationParams(args.max_tokens, args.sample, args.temperature, args.top_k, args.top_p)
-    shell = ChatShell(engine, params, args.system, stream=not args.no_stream, seed=args.seed)
+    p = build_parser()
+    args = p.parse_args(argv)
+    engine = engine_from_args(p, args)
+    provider = retrieval_from_args(p, args)
+    shell = ChatShell(
+        engine, params_from_args(args), args.system, stream=not args.no_stream, seed=args.seed,
+        context_provider=provider,
+    )  # fmt: skip
     if sys.stdin.isatty():
         run_interactive(shell)
     else:

@@ -1,13 +1,16 @@
-"""The chat engine behind the shell bot, the demo's evaluator and (later) the server.
+"""The chat engine behind the shell bot, the server, the demo's evaluator and the retrieval path.
 
 It renders the conversation with the same template and the same segment-wise tokenization used in
 training, decodes with a KV cache, stops at the eos token or any of the template's stop strings, and
-streams text without ever showing part of a stop string.
+streams text without ever showing part of a stop string. Sampling runs in float32 whatever the
+model's dtype (fp16 logits overflow to NaN/inf); non-finite logits raise `GenerationError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,6 +20,12 @@ from chatkit.conversation import Message
 from chatkit.templates import ChatTemplate, get_template
 from chatkit.tokenization import encode_prompt
 from chatkit.trainer_meta import read_meta
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class GenerationError(RuntimeError):
+    """Generation cannot go on (e.g. the model produced NaN or infinite logits)."""
 
 
 @dataclass
@@ -31,6 +40,16 @@ class GenerationParams:
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class StreamInfo:
+    """What one generation did; filled in by `ChatEngine.stream`/`complete` as they run."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    """"stop" (eos or a stop string), "length" (max_new_tokens reached) or "cancelled"."""
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -58,33 +77,53 @@ class ReplyAssembler:
     A piece is shown only once it is certain: never part of a stop string, never an incomplete UTF-8
     sequence, never trailing whitespace that a following stop string would remove. The pieces join to
     exactly the final reply, which is the message content (the template's literal head removed).
+    `template=None` assembles raw text (no head removed); `extra_stops` add to the template's stops.
     """
 
-    def __init__(self, tokenizer, template: ChatTemplate):
+    def __init__(self, tokenizer, template: ChatTemplate | None, extra_stops: Sequence[str] = ()):
         self.tokenizer, self.template = tokenizer, template
-        self.stop_strings = tuple(template.stop_strings)
+        stops = tuple(template.stop_strings) if template is not None else ()
+        self.stop_strings = stops + tuple(s for s in extra_stops if s and s not in stops)
         self.ids: list[int] = []
         self.text = ""
         self.shown = 0
         self.stopped = False
+        # Incremental detokenization (as vLLM and TGI do): decode only ids[_prefix:], a window that
+        # starts where earlier text was complete, so each token costs O(window), not O(reply).
+        self._prefix = self._read = 0
+
+    def _reply_text(self, text: str) -> str:
+        return self.template.reply_text(text) if self.template is not None else text
+
+    def _new_text(self) -> str:
+        """Text of the ids not yet in self.text ("\ufffd"-terminated while a character is incomplete)."""
+        decode = self.tokenizer.decode
+        done = decode(self.ids[self._prefix : self._read], skip_special_tokens=False)
+        return decode(self.ids[self._prefix :], skip_special_tokens=False)[len(done) :]
 
     def push(self, token_id: int) -> str:
         """Add one generated token; returns the newly certain text (maybe empty)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
+        new = self._new_text()
+        if not new or new.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+            return ""
+        start = max(0, len(self.text) - max((len(s) for s in self.stop_strings), default=0))
+        text = self.text + new
+        self._prefix, self._read = self._read, len(self.ids)
+        cut = min((i for s in self.stop_strings if (i := text.find(s, start)) >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = text[:cut].rstrip(), True
             return ""
         self.text = text
-        visible = self.template.reply_text(text[: len(text) - _stop_holdback(text, self.stop_strings)])
-        if visible.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-            visible = visible[:-1]
+        visible = self._reply_text(text[: len(text) - _stop_holdback(text, self.stop_strings)])
         return self._show(visible.rstrip())
 
     def finish(self) -> str:
         """The rest of the reply once generation has ended."""
-        return self._show(self.template.reply_text(self.text))
+        if not self.stopped:
+            self.text += self._new_text()  # bytes of a character that never completed
+            self._prefix = self._read = len(self.ids)
+        return self._show(self._reply_text(self.text))
 
     def _show(self, visible: str) -> str:
         if len(visible) <= self.shown:
@@ -94,14 +133,20 @@ class ReplyAssembler:
 
     @property
     def reply(self) -> str:
-        return self.template.reply_text(self.text)
+        return self._reply_text(self.text)
 
 
 def _next_token(logits: torch.Tensor, p: GenerationParams, generator: torch.Generator | None) -> int:
-    """logits (V,) -> token id, greedy or by temperature/top-k/top-p sampling."""
+    """logits (V,) -> token id, greedy or by temperature/top-k/top-p sampling, always in float32."""
+    logits = logits.float()
+    top = float(logits.max())  # NaN propagates through max
+    if not -float("inf") < top < float("inf"):
+        raise GenerationError(
+            f"the model produced non-finite logits (max {top}); with fp16 weights load in bf16 or fp32"
+        )
     if not p.sample or p.temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / p.temperature
+    logits = logits / p.temperature
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -114,36 +159,86 @@ def _next_token(logits: torch.Tensor, p: GenerationParams, generator: torch.Gene
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def load_model(
+    path: str | Path,
+    device: torch.device,
+    dtype: str | None = None,
+    max_memory: dict[int | str, str] | None = None,
+    quantize: str | None = None,
+):
+    """A causal LM from a Hugging Face folder: on one device, spread by an accelerate `max_memory`
+    device map (OpenChatKit's --gpu-vram/--cpu-ram), and/or quantized by bitsandbytes ("8bit"/"4bit")."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype is None:
+        dtype = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    kwargs: dict = {"dtype": DTYPES[dtype]}
+    if quantize is not None:
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES["bf16"] if dtype == "fp32" else DTYPES[dtype]
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantize == "8bit"
+            else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            )
+        )
+    if max_memory is not None:
+        kwargs.update(device_map="auto", max_memory=max_memory)
+    elif quantize is not None:
+        kwargs["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model if "device_map" in kwargs else model.to(device)
+
+
+def _input_device(model) -> torch.device:
+    """Where input ids go: the embedding's device (models spread by a device map start there)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next(model.parameters()).device
+
+
 class ChatEngine:
     def __init__(self, model, tokenizer, template: ChatTemplate, device: torch.device | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
-        self.device = device or next(model.parameters()).device
+        self.device = device or _input_device(model)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_ids |= set(
             gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
         )
+        # Prefill computes the logits of the last position only, as generate() does.
+        forward = getattr(model, "forward", None)
+        params = inspect.signature(forward).parameters if forward is not None else {}
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, template: str | None = None, device: str = "auto", dtype: str | None = None
+        cls,
+        path: str | Path,
+        template: str | None = None,
+        device: str = "auto",
+        dtype: str | None = None,
+        max_memory: dict[int | str, str] | None = None,
+        quantize: str | None = None,
     ) -> ChatEngine:
         """Load a Hugging Face folder; the template defaults to the one recorded at export."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         dev = pick_device(device)
         name = template or read_meta(path).get("template")
         if name is None:
             raise ValueError(f"{path}: no chatkit.json naming its chat template; pass --template")
-        if dtype is None:
-            dtype = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
-        return cls(model, tokenizer, get_template(name, tokenizer), dev)
+        model = load_model(path, dev, dtype, max_memory, quantize)
+        device_mapped = max_memory is not None or quantize is not None
+        return cls(model, tokenizer, get_template(name, tokenizer), None if device_mapped else dev)
 
     def prompt_ids(self, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
         """Encode the prompt, dropping the oldest whole turns (never the system prompt) to fit."""
@@ -166,30 +261,76 @@ class ChatEngine:
         eos, bos = self.tokenizer.eos_token, self.tokenizer.bos_token or ""
         return self.template.render(messages, eos, bos, add_generation_prompt=True)
 
-    @torch.inference_mode()
     def stream(
         self,
         messages: Sequence[Message],
         params: GenerationParams | None = None,
         seed: int | None = None,
+        *,
+        stop: Sequence[str] = (),
+        info: StreamInfo | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Yield pieces of the reply as they become certain; their concatenation is the reply."""
+        """Yield pieces of the reply as they become certain; their concatenation is the reply.
+
+        `stop` adds stop strings to the template's; `info` receives token counts and the finish
+        reason; setting `cancel` ends generation after the current token."""
         p = params or GenerationParams()
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         ids = self.prompt_ids(messages, p.max_new_tokens)
+        asm = ReplyAssembler(self.tokenizer, self.template, stop)
+        return self._decode(ids, asm, p, seed, info, cancel)
+
+    def complete(
+        self,
+        prompt: str,
+        params: GenerationParams | None = None,
+        seed: int | None = None,
+        *,
+        stop: Sequence[str] = (),
+        info: StreamInfo | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Stream a continuation of raw text (no chat template; only `stop` and eos end it)."""
+        p = params or GenerationParams()
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids or len(ids) + p.max_new_tokens > self.context_length:
+            raise ValueError(
+                f"the prompt ({len(ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) does not fit "
+                f"the model's context of {self.context_length} tokens"
+            )
+        return self._decode(ids, ReplyAssembler(self.tokenizer, None, stop), p, seed, info, cancel)
+
+    @torch.inference_mode()
+    def _decode(
+        self,
+        ids: list[int],
+        reply: ReplyAssembler,
+        p: GenerationParams,
+        seed: int | None,
+        info: StreamInfo | None,
+        cancel: threading.Event | None,
+    ) -> Iterator[str]:
+        info = info if info is not None else StreamInfo()
+        info.prompt_tokens, info.completion_tokens, info.finish_reason = len(ids), 0, "length"
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         input_ids = torch.tensor([ids], device=self.device)
-        reply = ReplyAssembler(self.tokenizer, self.template)
-        past = None
+        past, extra = None, self._last_logits_only
         for _ in range(p.max_new_tokens):
-            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
+            if cancel is not None and cancel.is_set():
+                info.finish_reason = "cancelled"
+                break
+            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, **extra)
             past = out.past_key_values
             tok = _next_token(out.logits[0, -1].cpu(), p, gen)
+            info.completion_tokens += 1
             if tok in self.eos_ids:
+                info.finish_reason = "stop"
                 break
             piece = reply.push(tok)
             if piece:
                 yield piece
             if reply.stopped:
+                info.finish_reason = "stop"
                 break
             input_ids = torch.tensor([[tok]], device=self.device)
         piece = reply.finish()
@@ -198,3 +339,21 @@ class ChatEngine:
 
     def reply(self, messages: Sequence[Message], params: GenerationParams | None = None, seed=None) -> str:
         return "".join(self.stream(messages, params, seed))
+
+
+ContextProvider = Callable[[list[Message]], "list[str] | None"]
+"""Retrieval's hook: the conversation so far (ending with the user's turn) -> passages, or None."""
+
+
+def with_context(messages: Sequence[Message], passages: Sequence[str] | None) -> list[Message]:
+    """The messages with retrieved passages added to the system prompt, for one turn's prompt.
+
+    The passages go after the system prompt (or into a new one) under a fixed heading, one per
+    paragraph; the history itself is not changed, so the next turn retrieves afresh."""
+    msgs = list(messages)
+    if not passages:
+        return msgs
+    block = "Relevant passages:\n" + "\n\n".join(p.strip() for p in passages)
+    if msgs and msgs[0].role == "system":
+        return [Message("system", msgs[0].content + "\n\n" + block), *msgs[1:]]
+    return [Message("system", block), *msgs]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatkit.bot import HELP, ChatShell, run_piped
-from chatkit.chat import ChatEngine, GenerationParams
+from chatkit.chat import ChatEngine, GenerationParams, with_context
 from chatkit.conversation import Message
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +41,8 @@ def run_bot(model: Path, lines: list[str], *extra: str) -> subprocess.CompletedP
 def expected_output(engine: ChatEngine, lines: list[str], system: str | None = None) -> str:
     """What the bot prints for these lines, computed in-process with the same engine settings."""
     out = io.StringIO()
-    run_piped(ChatShell(engine, GREEDY, system, out=out), io.StringIO("".join(x + "\n" for x in lines)))
+    shell = ChatShell(engine, dataclasses.replace(GREEDY), system, out=out)  # /set must not change GREEDY
+    run_piped(shell, io.StringIO("".join(x + "\n" for x in lines)))
     return out.getvalue()
 
 
@@ -229,6 +233,15 @@ def _read_until(fd: int, buf: bytearray, needle: bytes, start: int, timeout: flo
     return i
 
 
+def _own_terminal() -> None:
+    """In the child: a new session whose controlling terminal is the pty, so that ^C sends SIGINT."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def test_bot_on_a_terminal(tiny_model_dir: Path, tiny_engine: ChatEngine):
     pty = pytest.importorskip("pty", reason="the pty module is unavailable on this platform")
     try:
@@ -245,7 +258,7 @@ def test_bot_on_a_terminal(tiny_model_dir: Path, tiny_engine: ChatEngine):
         str(MAX_TOKENS),
     ]
     proc = subprocess.Popen(
-        cmd, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=_env(), start_new_session=True
+        cmd, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=_env(), preexec_fn=_own_terminal
     )
     os.close(slave)
     buf = bytearray()
@@ -254,6 +267,22 @@ def test_bot_on_a_terminal(tiny_model_dir: Path, tiny_engine: ChatEngine):
         assert b"/help for commands" in buf[:first]  # the interactive banner
         os.write(master, b"hello\n")
         second = _read_until(master, buf, b">>> ", first + 4, timeout=60)
+        # Ctrl-C during a long reply stops it and comes back to the prompt; at the prompt it drops the line.
+        os.write(master, b"/set max_tokens 480\n")  # a long reply: ^C lands while it runs
+        at = _read_until(master, buf, b">>> ", second + 4, timeout=30)
+        os.write(master, b"count\n")
+        _read_until(master, buf, b"count", at + 4, timeout=30)
+        started = len(buf)
+        while len(buf) <= started + 2:  # some of the reply has been shown
+            buf.extend(os.read(master, 64))
+        os.write(master, b"\x03")
+        after_stop = _read_until(master, buf, b">>> ", started, timeout=30)
+        os.write(master, b"half a line\x03")
+        after_drop = _read_until(master, buf, b">>> ", after_stop + 4, timeout=30)
+        os.write(master, b"/undo\n")
+        _read_until(master, buf, b"(took back the last turn)", after_drop, timeout=30)
+        os.write(master, b"/hyperparameters\n")
+        _read_until(master, buf, b"top_p: 1.0\r\n>>> ", after_drop, timeout=30)
         os.write(master, b"\x04")  # Ctrl-D on an empty line: end of input
         assert proc.wait(timeout=30) == 0
     finally:
@@ -266,3 +295,229 @@ def test_bot_on_a_terminal(tiny_model_dir: Path, tiny_engine: ChatEngine):
     reply = tiny_engine.reply([Message("user", "hello")], GREEDY)
     assert reply and exchange.endswith(reply + "\n")
     assert exchange.startswith("hello")  # the echoed input line
+
+
+# --- the commands OpenChatKit did not have, in-process ------------------------------------------
+
+
+def new_shell(engine, **kw) -> tuple[ChatShell, io.StringIO]:
+    out = io.StringIO()
+    return ChatShell(engine, dataclasses.replace(GREEDY), out=out, **kw), out
+
+
+def test_regen_and_undo(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine)
+    shell.handle("/regen")
+    shell.handle("/undo")
+    assert out.getvalue() == "(nothing to regenerate)\n(nothing to undo)\n"
+    r1 = shell.say("hello")
+    before = list(shell.history)
+    shell.handle("/regen")  # greedy: the same reply replaces the old one
+    assert shell.history == before and out.getvalue().endswith(r1 + "\n")
+    shell.say("again")
+    shell.handle("/undo")
+    assert shell.history == before
+    shell.handle("/undo")
+    assert shell.history == []
+
+
+def test_system_command(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine)
+    shell.handle("/system")
+    shell.say("hi")
+    shell.handle("/system Be brief.")
+    assert shell.history[0] == Message("system", "Be brief.") and len(shell.history) == 3
+    shell.handle("/system Be kind.")
+    assert shell.history[0] == Message("system", "Be kind.") and len(shell.history) == 3
+    shell.handle("/system")
+    shell.handle("/reset")
+    assert shell.history == [Message("system", "Be kind.")]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "(no system prompt)" and "Be kind." in lines
+
+
+def test_set_command(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine)
+    for line in [
+        "/set temperature 0.3",
+        "/set top_k 5",
+        "/set top_p 0.9",
+        "/set max_tokens 3",
+        "/set sample on",
+    ]:
+        shell.handle(line)
+    assert shell.params == GenerationParams(
+        max_new_tokens=3, sample=True, temperature=0.3, top_k=5, top_p=0.9
+    )
+    assert out.getvalue().splitlines() == [
+        "temperature: 0.3", "top_k: 5", "top_p: 0.9", "max_new_tokens: 3", "sample: True",
+    ]  # fmt: skip
+    out.truncate(0), out.seek(0)
+    for bad in ["/set temperature hot", "/set top_p 0", "/set top_p 1.5", "/set max_tokens 0", "/set sample maybe",
+                "/set top_k -1", "/set colour red", "/set", "/set temperature"]:  # fmt: skip
+        shell.handle(bad)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 9
+    assert all(x.startswith("bad value") for x in lines[:6]) and all(x.startswith("usage") for x in lines[6:])
+    assert shell.params.max_new_tokens == 3  # unchanged by the bad values
+
+
+def test_save_and_load_round_trip(tiny_engine: ChatEngine, tmp_path: Path):
+    shell, out = new_shell(tiny_engine, system="Be brief.")
+    shell.say("hello")
+    file = tmp_path / "conv.jsonl"
+    shell.handle(f"/save {file}")
+    saved = [json.loads(x) for x in file.read_text().splitlines()]
+    assert len(saved) == 1 and saved[0]["messages"] == [m.to_dict() for m in shell.history]
+    other, out2 = new_shell(tiny_engine)
+    other.handle(f"/load {file}")
+    assert other.history == shell.history and other.system == "Be brief."
+    assert out2.getvalue() == f"(loaded 3 messages from {file})\n"
+    # The loaded conversation goes on exactly as the saved one would.
+    assert other.say("more") == shell.say("more")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "bot", "content": "x"}]}\n')
+    other.handle(f"/load {bad}")
+    other.handle(f"/load {tmp_path / 'missing.jsonl'}")
+    other.handle(f"/save {bad / 'f.jsonl'}")  # a parent that is a file
+    errors = out2.getvalue().splitlines()[-3:]
+    assert all(x.startswith("error: ") for x in errors) and "role" in errors[0]
+
+
+def test_raw_say_is_not_kept(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine)
+    shell.handle("/raw_say <human>: hi\n<bot>:")
+    expected = "".join(tiny_engine.complete("<human>: hi\n<bot>:", GREEDY))
+    assert out.getvalue() == expected + "\n" and shell.history == []
+    shell.handle("/raw_say")
+    assert out.getvalue().endswith("usage: /raw_say TEXT\n")
+
+
+def test_context_provider_adds_passages_for_one_turn_only(tiny_engine: ChatEngine):
+    seen: list[list[Message]] = []
+
+    def provider(history: list[Message]) -> list[str]:
+        seen.append(list(history))
+        return [f"passage about {history[-1].content}", "another passage"]
+
+    shell, out = new_shell(tiny_engine, system="Be brief.", context_provider=provider)
+    shell.handle("/context")
+    reply = shell.say("stone")
+    assert seen == [[Message("system", "Be brief."), Message("user", "stone")]]
+    prompt = with_context(seen[0], provider(seen[0]))
+    assert prompt[0] == Message(
+        "system", "Be brief.\n\nRelevant passages:\npassage about stone\n\nanother passage"
+    )
+    assert reply == tiny_engine.reply(prompt, GREEDY)
+    assert shell.history == [
+        Message("system", "Be brief."),
+        Message("user", "stone"),
+        Message("assistant", reply),
+    ]
+    shell.handle("/context")
+    assert out.getvalue().splitlines()[0] == "(nothing retrieved yet)"
+    assert out.getvalue().endswith("[1] passage about stone\n[2] another passage\n")
+    plain, out2 = new_shell(tiny_engine)
+    plain.handle("/context")
+    assert out2.getvalue() == "(no retrieval)\n"
+    assert with_context([Message("user", "x")], ["p"])[0] == Message("system", "Relevant passages:\np")
+    assert with_context([Message("user", "x")], None) == [Message("user", "x")]
+
+
+class InterruptAfter:
+    """The real engine, with a Ctrl-C (KeyboardInterrupt) arriving after k pieces of a reply."""
+
+    def __init__(self, engine: ChatEngine, k: int):
+        self.engine, self.k = engine, k
+
+    def stream(self, *args, **kwargs):
+        for i, piece in enumerate(self.engine.stream(*args, **kwargs)):
+            if i == self.k:
+                raise KeyboardInterrupt
+            yield piece
+
+
+def test_ctrl_c_keeps_what_was_said(tiny_engine: ChatEngine):
+    full = tiny_engine.reply([Message("user", "hello")], GREEDY)
+    pieces = list(tiny_engine.stream([Message("user", "hello")], GREEDY))
+    assert len(pieces) > 2
+    shell, out = new_shell(InterruptAfter(tiny_engine, 2))
+    said = shell.say("hello")
+    assert said == "".join(pieces[:2]) and full.startswith(said) and said != full
+    assert shell.history[-1] == Message("assistant", said)
+    assert out.getvalue() == said + "\n"
+
+
+def test_turn_too_long_is_reported_and_dropped(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine)
+    assert shell.say("word " * 600) == ""
+    assert shell.history == [] and out.getvalue().startswith("error: ") and "context" in out.getvalue()
+
+
+def test_history_is_trimmed_but_kept_whole(tiny_engine: ChatEngine):
+    shell, _ = new_shell(tiny_engine, system="You are a calculator.")
+    shell.params.max_new_tokens = 4
+    for i in range(40):
+        shell.say(f"What is {i} + {i + 10}? (turn {i})")
+    assert len(shell.history) == 81  # the shell keeps everything; the engine trims the prompt
+    assert len(tiny_engine.prompt_ids(shell.history, 4)) + 4 <= 512
+
+
+def test_last_line_without_newline_and_end_of_input(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine)
+    run_piped(shell, io.StringIO("hello"))
+    assert out.getvalue() == tiny_engine.reply([Message("user", "hello")], GREEDY) + "\n"
+
+
+# --- every command through pipes, and Ctrl-C -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def every_command(
+    tiny_model_dir: Path, tmp_path_factory
+) -> tuple[list[str], subprocess.CompletedProcess[bytes]]:
+    d = tmp_path_factory.mktemp("bot")
+    load = d / "load.jsonl"
+    load.write_text(json.dumps({"messages": [{"role": "system", "content": "Be kind."},
+                                             {"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")  # fmt: skip
+    lines = [
+        "/help", "hello", "/regen", "/undo", "hello", "/system Be brief.", "/system", "/set temperature 0.2",
+        "/set max_tokens 5", "/set sample off", "/hyperparameters", "again", "/raw_prompt", "/raw_say hi there",
+        f"/save {d / 'saved.jsonl'}", f"/load {load}", "/raw_prompt", "more", "/context", "/reset", "/raw_prompt",
+    ]  # fmt: skip
+    return lines, run_bot(tiny_model_dir, lines)
+
+
+def test_bot_piped_every_command(every_command, tiny_engine: ChatEngine):
+    lines, proc = every_command
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    out = decode(proc)
+    assert out == expected_output(tiny_engine, lines)
+    assert out.startswith(HELP + "\n")
+    assert "max_new_tokens: 5\nsample: False\ntemperature: 0.2\n" in out
+    assert "(no retrieval)\n" in out and out.endswith("Be kind.\n<bot>:\n")
+
+
+def test_bot_piped_ctrl_c_stops_the_reply(tiny_model_dir: Path, tmp_path: Path, tiny_engine: ChatEngine):
+    save = tmp_path / "after.jsonl"
+    cmd = [sys.executable, BOT, "--model", str(tiny_model_dir), "--no-sample", "--max-tokens", "480"]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=_env()
+    )
+    try:
+        proc.stdin.write(b"count\n")
+        proc.stdin.flush()
+        assert proc.stdout.read1(4096)  # the reply has started
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write(f"/save {save}\n/quit\n".encode())
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode(errors="replace")[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = json.loads(save.read_text())["messages"][-1]
+    full = tiny_engine.reply([Message("user", "count")], GenerationParams(max_new_tokens=480, sample=False))
+    assert said["role"] == "assistant" and full.startswith(said["content"])
+    assert len(said["content"]) < len(full)

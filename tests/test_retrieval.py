@@ -347,3 +347,86 @@ def test_retrieval_script_help(script: str):
         [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stderr[-2000:]
+
+
+# --- chat with retrieval ------------------------------------------------------------------------------
+
+
+def test_shell_puts_the_retrieved_passage_into_the_turns_prompt_only(minilm_index: Path, tiny_engine):
+    from chatkit.bot import ChatShell
+    from chatkit.chat import GenerationParams, with_context
+    from chatkit.conversation import Message
+    from chatkit.retrieval.context import context_provider
+
+    provider = context_provider(Retriever.from_dir(minilm_index), k=1)
+    question = "Which river flows through Zurich?"
+    passages = provider([Message("user", question)])
+    assert len(passages) == 1 and "Limmat" in passages[0]
+    prompt = tiny_engine.raw_prompt(with_context([Message("user", question)], passages))
+    assert "Limmat" in prompt and prompt.index("Limmat") < prompt.index(question)
+
+    import io
+
+    shell = ChatShell(tiny_engine, GenerationParams(max_new_tokens=4, sample=False), out=io.StringIO(),
+                      context_provider=provider)  # fmt: skip
+    shell.say(question)
+    assert any("Limmat" in p for p in shell.last_context)
+    assert all("Limmat" not in m.content for m in shell.history)  # context for that turn only, not history
+
+
+def test_bot_retrieval_flag_and_context_command(minilm_index: Path, tiny_model_dir: Path):
+    r = subprocess.run(
+        [sys.executable, "inference/bot.py", "--model", str(tiny_model_dir), "--no-sample", "--max-tokens", "4",
+         "--retrieval", "--index", str(minilm_index)],
+        input="Which river flows through Zurich?\n/context\n", capture_output=True, text=True, cwd=REPO, timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Limmat" in r.stdout
+    missing = subprocess.run(
+        [sys.executable, "inference/bot.py", "--model", str(tiny_model_dir), "--retrieval", "--index", "/nonexistent"],
+        input="", capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "--retrieval" in missing.stderr
+
+
+def test_server_adds_retrieved_passages_to_the_prompt(minilm_index: Path, tiny_engine):
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from chatkit.chat import GenerationParams, with_context
+    from chatkit.conversation import Message
+    from chatkit.retrieval.context import context_provider
+    from chatkit.serve import ServerConfig, create_app
+    from chatkit.tokenization import encode_prompt
+
+    provider = context_provider(Retriever.from_dir(minilm_index), k=1)
+    config = ServerConfig("t", GenerationParams(max_new_tokens=2, sample=False), context_provider=provider)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(tiny_engine, config), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        question = "Which river flows through Zurich?"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                       json={"messages": [{"role": "user", "content": question}], "max_tokens": 2})  # fmt: skip
+        assert r.status_code == 200, r.text
+        msgs = [Message("user", question)]
+        expected = encode_prompt(
+            tiny_engine.tokenizer, tiny_engine.template, with_context(msgs, provider(msgs))
+        )
+        assert r.json()["usage"]["prompt_tokens"] == len(expected)
+        plain = encode_prompt(tiny_engine.tokenizer, tiny_engine.template, msgs)
+        assert len(expected) > len(plain) + 10  # the passage really is in the prompt
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

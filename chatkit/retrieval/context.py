@@ -129,3 +129,17 @@ def describe_passages(passages: list[Passage]) -> str:
         score = f"score {p.score:.3f}, " if p.score is not None else ""
         out.append(f"[{n}] {score}{rows}{', ' + p.source if p.source else ''}\n{p.text}")
     return "\n\n".join(out)
+
+
+def context_provider(retriever: Retriever, k: int = 1):
+    """The chat shell's hook (`ChatShell(context_provider=...)`): passages for the newest user turn.
+
+    Returns the passages' text; the shell puts them into that turn's prompt only (see
+    `chatkit.chat.with_context`) and `/context` shows them.
+    """
+
+    def provide(messages) -> list[str]:
+        query = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        return [p.text for p in retriever.retrieve(query, k)] if query.strip() else []
+
+    return provide
