@@ -151,17 +151,23 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def evaluate(engine, sets: list[TokenizedSet], cfg: TrainConfig, rank: int, world: int, device, pad_id: int):
-    """Validation loss per trained token over all ranks, one conversation per row.
+def val_shard(sets: list[TokenizedSet], rank: int, world: int, multiple: int = 1) -> list[Encoded]:
+    """This rank's validation conversations, as many on every rank (a multiple of `multiple`).
 
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively):
-    shards are padded with a copy of an example whose labels are all ignored.
+    Engines run forward passes collectively (ZeRO-3 gathers, pipelines pass activations), so shards
+    are padded with a copy of an example whose labels are all ignored: it adds no loss and no count.
     """
     examples = [s.example(i) for s in sets for i in range(len(s))]
-    per_rank = math.ceil(len(examples) / world)
+    per_rank = math.ceil(math.ceil(len(examples) / world) / multiple) * multiple
     shard = examples[rank::world]
     filler = Encoded(examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].input_ids))
-    shard = shard + [filler] * (per_rank - len(shard))
+    return shard + [filler] * (per_rank - len(shard))
+
+
+def evaluate(engine, sets: list[TokenizedSet], cfg: TrainConfig, rank: int, world: int, device, pad_id: int):
+    """Validation loss per trained token over all ranks, one conversation per row."""
+    shard = val_shard(sets, rank, world)
+    per_rank = len(shard)
     engine.eval()
     total, count = 0.0, 0
     with torch.no_grad():

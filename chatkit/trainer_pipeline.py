@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from chatkit import checkpoint
 from chatkit.config import TrainConfig, save_config
-from chatkit.data import Batches, DataSource, describe, save_data_stats
+from chatkit.data import Batches, DataSource, collate_rows, describe, save_data_stats
 from chatkit.io import write_json
 from chatkit.monitor import Monitor
 from chatkit.pipeline import build_pipeline, pipeline_batch
@@ -37,6 +37,7 @@ from chatkit.trainer import (
     resolve_ds_config,
     setup_logging,
     trained_count,
+    val_shard,
 )
 
 
@@ -103,8 +104,8 @@ def train_pipeline(cfg: TrainConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, rank, "loguru" in getattr(cfg, "train_log_backend", ["loguru"]))
     torch.manual_seed(cfg.seed)
-    if cfg.val_files:
-        logger.warning("val_files: validation is not implemented for pipeline training yet; skipped")
+    if cfg.eval_prompts:
+        logger.warning("eval_prompts: the pipeline engine does not generate; sample replies are skipped")
 
     topo = make_topology(cfg.pipeline_stages, world)
     coord = topo.get_coord(rank)
@@ -113,6 +114,7 @@ def train_pipeline(cfg: TrainConfig) -> dict[str, float]:
     template = get_template(cfg.template, tokenizer)
     added_tokens = add_template_tokens(tokenizer, template)
     batches = load_batches(cfg, tokenizer, template, rank, coord.data, dp_world)
+    val_sets = load_sets(cfg.val_files, tokenizer, template, cfg, rank) if cfg.val_files else []
     steps_per_epoch = batches.steps_per_epoch(cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -142,7 +144,9 @@ def train_pipeline(cfg: TrainConfig) -> dict[str, float]:
             f"{total_steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters, "
             f"deepspeed={cfg.deepspeed}, {cfg.precision}"
         )
-    return _loop(cfg, engine, scheduler, batches, tokenizer, model.config, total_steps, steps_per_epoch)
+    return _loop(
+        cfg, engine, scheduler, batches, val_sets, tokenizer, model.config, total_steps, steps_per_epoch
+    )
 
 
 def next_step(stream, engine, cfg: TrainConfig) -> tuple[int, list, float]:
@@ -158,7 +162,34 @@ def next_step(stream, engine, cfg: TrainConfig) -> tuple[int, list, float]:
     return micro[-1][0], [pipeline_batch(b, scale) for _, b in micro], step_tokens
 
 
-def _loop(cfg, engine, scheduler, batches, tokenizer, model_config, total_steps, steps_per_epoch):
+def evaluate_pipeline(engine, val_sets, cfg: TrainConfig, pad_id: int) -> float:
+    """Validation loss per trained token through `engine.eval_batch`, scaled as in training.
+
+    eval_batch averages loss_fn's outputs over micro-batches and data-parallel replicas, so each
+    micro-batch's loss sum is scaled by replicas * micro-batches / trained tokens of the whole set.
+    """
+    dp_rank, dp_world = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
+    shard = val_shard(val_sets, dp_rank, dp_world, cfg.micro_batch_size)
+    mbs = cfg.micro_batch_size
+    batches = [collate_rows([[e] for e in shard[i : i + mbs]], pad_id) for i in range(0, len(shard), mbs)]
+    (count,) = dp_sum([sum(trained_count(b) for b in batches)], engine.grid.get_data_parallel_group())
+    scale = step_scale(count, dp_world, len(batches))
+    items = [pipeline_batch(b, scale) for b in batches]
+    return float(engine.eval_batch(data_iter=iter(items), num_micro_batches=len(items)))
+
+
+def _log_eval(engine, val_sets, cfg, tokenizer, step: int, monitor, rank: int) -> dict[str, float]:
+    if not val_sets:
+        return {}
+    val_loss = evaluate_pipeline(engine, val_sets, cfg, tokenizer.pad_token_id)
+    row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    if rank == 0:
+        logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")
+    monitor.write({"step": step, **row})
+    return row
+
+
+def _loop(cfg, engine, scheduler, batches, val_sets, tokenizer, model_config, total_steps, steps_per_epoch):
     import torch.distributed as dist
 
     rank, out = dist.get_rank(), Path(cfg.output_dir)
@@ -197,9 +228,12 @@ def _loop(cfg, engine, scheduler, batches, tokenizer, model_config, total_steps,
             }
             t_last, tokens_since = now, 0.0
             monitor.step(last, total_steps)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+            last.update(_log_eval(engine, val_sets, cfg, tokenizer, step, monitor, rank))
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
             save(step)
     bar.close()
+    last.update(_log_eval(engine, val_sets, cfg, tokenizer, total_steps, monitor, rank))
     path = save(total_steps)
     if rank == 0:
         logger.info(f"saved checkpoint {path}")

@@ -51,8 +51,9 @@ def _tiny_llama(neox_dir: Path, out: Path) -> None:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
-    train, _ = make_splits(64, 0, seed=3)  # varied lengths: per-micro-batch averaging would show
+    train, val = make_splits(64, 9, seed=3)  # varied lengths: per-micro-batch averaging would show
     write_conversations(root / "train.jsonl", train)
+    write_conversations(root / "val.jsonl", val)  # 9: an odd count, so shards need a filler
     prepare_tiny(
         [str(root / "train.jsonl")], str(root / "neox"), vocab_size=300, layers=2, hidden=64, heads=4
     )
@@ -86,6 +87,11 @@ def _losses(out: Path) -> list[float]:
     return [m["loss"] for m in rows if "loss" in m]
 
 
+def _val_losses(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["val_loss"] for m in rows if "val_loss" in m]
+
+
 def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_ds: str) -> None:
     from safetensors.torch import load_file
 
@@ -110,6 +116,8 @@ def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_
 
     lp, lr = _losses(pipe), _losses(ref)
     assert len(lp) == 3
+    vp, vr = (_val_losses(out) for out in (pipe, ref))
+    assert len(vp) == len(vr) and all(abs(a - b) < 1e-4 for a, b in zip(vp, vr, strict=True)), (vp, vr)
     assert max(abs(a - b) for a, b in zip(lp, lr, strict=True)) < 1e-4, (lp, lr)
     wp, wr = pipeline_state_to_hf(tag), load_deepspeed_weights(ref / "checkpoints")
     assert set(wp) == set(wr)
@@ -170,8 +178,14 @@ def test_hf_key_map_covers_every_weight(root, model):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_gpt_neox_packed_with_accumulation_matches_plain_trainer(root):
-    common = ["pack=true", "gradient_accumulation_steps=2"]
+    common = [
+        "pack=true",
+        "gradient_accumulation_steps=2",
+        f"val_files=[{root / 'val.jsonl'}]",
+        "eval_every=2",
+    ]
     _compare_with_plain_trainer(root, "neox", common, "pipeline")
+    assert len(_val_losses(root / "neox-pipe")) == 2  # at step 2 and at the end
 
     # killed with SIGKILL after step 3 (checkpoint at 2), resumed: the weights of the uninterrupted run
     from chatkit.pipeline import pipeline_state_to_hf
