@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -22,7 +23,7 @@ import yaml
 
 from chatkit.config import ConfigError, TrainConfig, load_config
 from chatkit.models import spec_for_path
-from chatkit.plan import World, plan_lines
+from chatkit.plan import World, ds_preset, plan_lines
 from chatkit.pretrained import TINY_BY_ARCH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,39 @@ def ensure_tiny_inputs(cfg: TrainConfig) -> None:
             print(f"built the tiny {arch} base ({n:,} parameters) in {path}", file=sys.stderr)
 
 
+def free_port() -> int:
+    """A TCP port the OS says is free now, for `--master-port 0` (parallel or repeated launches)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prebuild_cpu_adam(cfg: TrainConfig, gpu: bool) -> None:
+    """Compile DeepSpeed's CPU Adam here, once, before the ranks start, when the run will need it.
+
+    ZeRO-Offload steps the optimizer with DeepSpeed's CPU Adam, which torch JIT-compiles on first use
+    under a lock file. Built by the launcher, the ranks only load it, and a lock left behind by a run
+    killed mid-build (which would make every rank wait forever) is reported instead of waited on.
+    """
+    zero = ds_preset(cfg.deepspeed).get("zero_optimization", {})
+    if "offload_optimizer" not in zero or cfg.optim == "adamw8bit":
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("cpu_adam", verbose=False)) / "lock"
+    if lock.exists():
+        sys.exit(
+            f"error: {lock} exists: a build of DeepSpeed's CPU Adam is running or was killed. If no "
+            "other training run is starting, delete that file and launch again."
+        )
+    print("loading DeepSpeed's CPU Adam (compiled once, on the first offload run)", file=sys.stderr)
+    if not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # as the ranks will see it: the CPU build of the op
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("CPUAdamBuilder").load(verbose=False)
+
+
 def build_command(
     args: argparse.Namespace, overrides: list[str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
@@ -150,7 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes (run once per node)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (with --hostfile)")
     p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (with --hostfile)")
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=int(os.environ.get("MASTER_PORT", 29500)),
+        help="rendezvous port of node 0 (default 29500 or $MASTER_PORT; 0 picks a free one, single node)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, plan and command only")
     p.add_argument(
         "--tiny",
@@ -158,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         help="run the recipe's tiny variant: tiny model of the same architecture, demo data, 4 steps",
     )
     args = p.parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    if args.master_port == 0:
+        if args.hostfile:
+            p.error("--master-port 0 works on one node only: every node must be given the same port")
+        args.master_port = free_port()
 
     world = world_of(args)
     overrides = list(args.overrides)
@@ -180,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         print("# command")
         print(" ".join([*(f"{k}={v}" for k, v in extra.items()), *map(shlex.quote, cmd)]))
         return
+    prebuild_cpu_adam(cfg, world.gpu)
     sys.exit(subprocess.call(cmd, env=env, cwd=os.getcwd()))
 
 

@@ -7,6 +7,7 @@ however they fall into micro-batches.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -125,12 +126,30 @@ def setup_logging(output_dir: Path, rank: int, file_log: bool = True) -> None:
         logger.add(log, level="DEBUG", format="{time:YYYY-MM-DD HH:mm:ss} | {level} | {message}")
 
 
+def skip_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU shared-memory all-reduce op out of training runs.
+
+    DeepSpeed's CPU backend builds that op at start-up (a JIT compile under a file lock in
+    ~/.cache/torch_extensions) only for `inference_all_reduce`, which training never calls; gloo does
+    every collective we use. Skipping it removes three failure modes met on CPU machines: a rank killed
+    while compiling leaves the lock behind and every later run waits on it forever; each rank maps a
+    ~69 MB /dev/shm file that is never unlinked, so repeated runs fill /dev/shm; a rank that cannot
+    create its file leaves its peer spinning. `build_shm_op` returning None is DeepSpeed's own path for
+    machines where the op is unavailable.
+    """
+    # by module name: `import deepspeed.comm.torch` would give the `torch` that deepspeed.comm re-exports
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:
+        skip_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_cpu:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +22,6 @@ from chatkit.datasets.synthetic import make_splits
 from chatkit.pretrained import prepare_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_llama(neox_dir: Path, out: Path) -> None:
@@ -69,7 +62,7 @@ def _launch(
         sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"train_files=[{root / 'train.jsonl'}]",
         f"output_dir={out}", f"cache_dir={root / 'cache'}", "max_steps=3", "log_every=1", "warmup_steps=0",
         "learning_rate=1e-3", "max_length=128", "micro_batch_size=2",
-        "--cpu-ranks", str(ranks), "--master-port", str(_port()), *overrides,
+        "--cpu-ranks", str(ranks), "--master-port", "0", *overrides,
     ]  # fmt: skip
     log = (root / f"{name}.log").open("w")
     env = {**os.environ, **(env or {})}

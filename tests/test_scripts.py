@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from chatkit import launch
+from chatkit.config import load_config
 from chatkit.conversation import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +163,33 @@ def test_dry_run_hostfile(capsys, monkeypatch):
 def test_dry_run_master_port(capsys, monkeypatch):
     cmd = _dry_run(capsys, monkeypatch, "--master-port", "29611")
     assert "--master_port 29611 " in cmd
+
+
+def test_master_port_zero_picks_a_free_port(capsys, monkeypatch):
+    cmd = _dry_run(capsys, monkeypatch, "--master-port", "0")
+    port = int(cmd.split("--master_port ")[1].split()[0])
+    assert port > 0
+    with socket.socket() as s:  # free when picked: this process can bind it
+        s.bind(("127.0.0.1", port))
+
+
+def test_master_port_zero_refused_with_a_hostfile(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        launch.main(["config/tiny.yaml", "--hostfile", "h", "--master-port", "0", "--dry-run"])
+    assert e.value.code == 2
+
+
+def test_offload_launch_reports_a_stale_build_lock(tmp_path, monkeypatch):
+    """A lock left by a killed build would make every rank wait forever: the launcher stops instead."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "cpu_adam" / "lock").touch()
+    cfg = load_config(f"{REPO}/config/tiny.yaml", ["deepspeed=zero2_offload"], check_files=False)
+    with pytest.raises(SystemExit) as e:
+        launch.prebuild_cpu_adam(cfg, gpu=False)
+    assert str(tmp_path / "cpu_adam" / "lock") in str(e.value.code)
+    launch.prebuild_cpu_adam(load_config(f"{REPO}/config/tiny.yaml", [], check_files=False), gpu=False)
 
 
 # --- training/train.py fails early on a bad config ------------------------------------------------

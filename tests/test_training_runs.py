@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,17 +23,12 @@ from safetensors.torch import load_file
 from chatkit.conversation import write_conversations
 from chatkit.datasets.synthetic import make_splits
 from chatkit.export import load_deepspeed_weights
+from chatkit.launch import free_port
 from chatkit.pretrained import prepare_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 6
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def launch(root: Path, name: str, *args: str, ranks: int = 2, env: dict | None =
         sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={root / 'base'}",
         f"train_files=[{root / 'train.jsonl'}]", f"output_dir={root / name}", f"cache_dir={root / 'cache'}",
         f"max_steps={STEPS}", "log_every=1", "warmup_steps=0", "learning_rate=2e-3", "max_length=128",
-        "--cpu-ranks", str(ranks), "--master-port", str(_port()), *args,
+        "--cpu-ranks", str(ranks), "--master-port", "0", *args,
     ]  # fmt: skip
     r = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
@@ -195,7 +189,7 @@ def test_qlora_4bit_with_8bit_adamw_trains_on_cpu(root):
 def test_two_nodes_on_loopback(root, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port = str(_port())
+    port = str(free_port())
     procs = []
     for node in (0, 1):
         cmd = [
