@@ -1,5 +1,5 @@
 """DeepSpeed checkpoint -> Hugging Face folder (safetensors, config, tokenizer with chat_template,
-generation_config with the right eos).
+generation_config with the right eos), streamed tensor by tensor (chatkit/weights.py).
 
 Checkpoint files are read with `torch.load(weights_only=True)`; the only non-tensor classes DeepSpeed
 pickles into them (a stage enum and a loss-scaler record) are allow-listed by name, so no code from a
@@ -10,13 +10,15 @@ own `zero_to_fp32` does.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from loguru import logger
 
 from chatkit.io import atomic_dir, write_json
+from chatkit.trainer_meta import read_meta
+from chatkit.weights import DTYPES, OneFileCache, TensorRef, hf_refs, write_weights
 
 
 def _safe_globals() -> list[Any]:
@@ -46,103 +48,232 @@ def _rank_files(tag_dir: Path, pattern: str) -> list[Path]:
     return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
-def _merge_zero3(tag_dir: Path, model_states: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _narrow_groups(groups: list[torch.Tensor], offset: int, length: int) -> torch.Tensor:
+    """`torch.cat(groups).narrow(0, offset, length)` without concatenating (copying) the groups."""
+    pieces = []
+    for g in groups:
+        n = g.numel()
+        if offset < n and length > 0:
+            take = min(n - offset, length)
+            pieces.append(g.narrow(0, offset, take))
+            length -= take
+        offset = max(0, offset - n)
+    return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+
+
+class _RankFlats:
+    """Every rank's fp32 flat partitions, mmapped while one output shard is written, then released."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files, self.flats = files, None
+
+    def get(self) -> list[list[torch.Tensor]]:
+        if self.flats is None:
+            self.flats = [safe_load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in self.files]
+        return self.flats
+
+    def clear(self) -> None:
+        self.flats = None
+
+
+def _zero3_refs(tag_dir: Path, model_states: dict[str, Any]) -> tuple[list[TensorRef], Callable[[], None]]:
+    """Refs to full fp32 tensors merged from ZeRO-3 partitions, as DeepSpeed's `zero_to_fp32` merges them."""
     optim_files = _rank_files(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")
     world = len(optim_files)
     if world != model_states["dp_world_size"]:
         raise ValueError(
             f"{tag_dir}: expected {model_states['dp_world_size']} optimizer partitions, found {world}"
         )
-    # Each rank holds, for every parameter in order, a slice of ceil(numel / world) elements.
-    flats = [torch.cat(safe_load(f)["optimizer_state_dict"]["fp32_flat_groups"]) for f in optim_files]
+    flats = _RankFlats(optim_files)
     shapes: dict[str, torch.Size] = {}
     for group in model_states["param_shapes"]:
         shapes.update(group)
-    state, offset = {}, 0
+    refs, offset = [], 0
+    # Each rank holds, for every parameter in order, a slice of ceil(numel / world) elements.
     for name, shape in shapes.items():
         numel = shape.numel()
         part = -(-numel // world)
-        full = torch.cat([flat.narrow(0, offset, part) for flat in flats])
-        state[name] = full.narrow(0, 0, numel).view(shape).clone()
+
+        def load(offset=offset, part=part, numel=numel, shape=shape) -> torch.Tensor:
+            full = torch.cat([_narrow_groups(groups, offset, part) for groups in flats.get()])
+            return full.narrow(0, 0, numel).view(shape).clone()
+
+        refs.append(TensorRef(name, tuple(shape), torch.float32, load))
         offset += part
-    if offset != flats[0].numel():
-        logger.debug(
-            f"merged {offset} of {flats[0].numel()} elements per partition (rest is alignment padding)"
-        )
-    return state
+    return refs, flats.clear
 
 
-def load_deepspeed_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of a DeepSpeed checkpoint: pipeline stages (per-layer files), ZeRO stage 3
-    partitions, or stages 0-2 from the module."""
+def checkpoint_refs(checkpoint: str | Path) -> tuple[list[TensorRef], Callable[[], None]]:
+    """Refs to the weights of a DeepSpeed checkpoint, read lazily, and a hook that frees cached files.
+
+    Pipeline stages (per-layer files; Hugging Face names), ZeRO-3 partitions (merged in fp32), or
+    stages 0-2 (the module as saved). Names shared with another tensor (tied weights) are left out.
+    """
     tag_dir = resolve_tag_dir(checkpoint)
     if list(tag_dir.glob("layer_*-model_states.pt")):
-        from chatkit.pipeline import pipeline_state_to_hf
+        from chatkit.pipeline import pipeline_refs
 
-        return pipeline_state_to_hf(tag_dir)
+        return pipeline_refs(tag_dir)
     model_files = _rank_files(tag_dir, "*model_states.pt")
     states = safe_load(model_files[0])
     stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
-        weights = _merge_zero3(tag_dir, states)
-    else:
-        weights = {k: v.float() for k, v in states["module"].items()}
+        return _zero3_refs(tag_dir, states)
+    cache = OneFileCache()
+    shared = states.get("shared_params", {})
+    refs = [
+        TensorRef(
+            k,
+            tuple(v.shape),
+            torch.float32,
+            lambda k=k: cache.get(model_files[0], safe_load)["module"][k].float(),
+        )
+        for k, v in states["module"].items()
+        if k not in shared
+    ]
+    return refs, cache.clear
+
+
+def load_deepspeed_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of a DeepSpeed checkpoint (tied weights included), for tests and small models."""
+    tag_dir = resolve_tag_dir(checkpoint)
+    refs, _ = checkpoint_refs(tag_dir)
+    weights = {r.name: r.load().float() for r in refs}
+    if list(tag_dir.glob("layer_*-model_states.pt")):
+        from chatkit.pipeline import tie_head
+
+        return tie_head(tag_dir, weights)
+    states = safe_load(_rank_files(tag_dir, "*model_states.pt")[0])
     for name, shared in states.get("shared_params", {}).items():
         weights[name] = weights[shared]
     return weights
 
 
+def export_refs(
+    tag_dir: Path, config, base: str | Path | None = None
+) -> tuple[list[TensorRef], Callable[[], None]]:
+    """The refs an export writes: the checkpoint's weights, or for LoRA runs the adapters merged into the
+    base model (its full-precision weights, also for QLoRA, whose checkpoint holds 4-bit ones)."""
+    if (tag_dir / "adapter_model.safetensors").is_file():
+        from chatkit.lora_merge import lora_merged_refs
+
+        base = base or read_meta(tag_dir).get("base_model")
+        if not base or not Path(base, "config.json").is_file():
+            raise FileNotFoundError(
+                f"{tag_dir} holds LoRA adapters; their base model {base!r} is not a folder here: "
+                "give it with --base"
+            )
+        return lora_merged_refs(hf_refs(base), tag_dir), lambda: None
+    return checkpoint_refs(tag_dir)
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def disk_names(model) -> dict[str, str]:
+    """Module state-dict name -> the name `save_pretrained` writes (transformers renames some on save,
+    e.g. GPT-NeoX's `lm_head` is `embed_out` on disk). Only one-to-one renames can be streamed."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
+    by_id = {id(v): k for k, v in state.items()}
+    reverted = revert_weight_conversion(model, dict(state))
+    mapping = {by_id.get(id(v)): k for k, v in reverted.items()}
+    if None in mapping or len(mapping) != len(state):
+        raise ValueError(f"{model.config.model_type}: saving merges or splits tensors; not streamable")
+    return mapping
+
+
+def to_disk(refs: list[TensorRef], config, where: Path) -> list[TensorRef]:
+    """Refs renamed to on-disk names, checked to be exactly the architecture's weights and shapes."""
+    model = _meta_model(config)
+    names = disk_names(model)
+    refs = [TensorRef(names.get(r.name, r.name), r.shape, r.dtype, r.load) for r in refs]
+    expected = {names[k]: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    optional = {names[k] for k in tied} if config.tie_word_embeddings else set()
+    got = {r.name: r.shape for r in refs if r.name not in optional}
+    refs = [r for r in refs if r.name in got]  # tied copies are not written, as transformers does
+    missing = sorted(set(expected) - set(got) - optional)
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{where}: weights do not fit the {config.model_type} config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {[(k, got[k], expected[k]) for k in shapes[:5]]}"
+        )
+    return refs
+
+
 def export_hf(
-    checkpoint: str | Path, out: str | Path, dtype: str = "fp32", template: str | None = None
+    checkpoint: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    template: str | None = None,
+    max_shard_size: str | int = "5GB",
+    base: str | Path | None = None,
+    architecture: str | None = None,
+    progress: bool = False,
 ) -> Path:
-    """Write a Hugging Face folder that `from_pretrained` and `apply_chat_template` use as they are."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    """Write a Hugging Face folder that `from_pretrained` and `apply_chat_template` use as they are.
+
+    Streamed: weights go tensor by tensor from the checkpoint files into safetensors shards.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from chatkit.templates import get_template
-    from chatkit.trainer_meta import read_meta
 
     tag_dir = resolve_tag_dir(checkpoint)
     meta = read_meta(tag_dir)
     template_name = template or meta["template"]
     config = AutoConfig.from_pretrained(tag_dir)
+    if architecture and config.model_type != architecture:
+        raise ValueError(f"{tag_dir}: a {config.model_type} checkpoint, not {architecture}")
     tokenizer = AutoTokenizer.from_pretrained(tag_dir)
     tokenizer.chat_template = get_template(template_name, tokenizer).chat_template
-    weights = load_deepspeed_weights(tag_dir)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
-    if missing or unexpected:
-        raise ValueError(
-            f"{tag_dir}: weights do not fit the config: missing {missing}, unexpected {unexpected}"
-        )
-    model.tie_weights()
-    model = model.to(torch_dtype)
-    _materialize_buffers(model, config)
+    refs, release = export_refs(tag_dir, config, base)
+    refs = to_disk(refs, config, tag_dir)
+    config.dtype = DTYPES[dtype]
     gen = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write_weights(tmp, refs, max_shard_size, DTYPES[dtype], progress=progress, on_shard_done=release)
+        config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         gen.save_pretrained(tmp)
         write_json(tmp / "chatkit.json", {**meta, "template": template_name, "dtype": dtype})
     return Path(out)
 
 
-def _materialize_buffers(model, config) -> None:
-    """Non-persistent buffers (e.g. rotary frequencies) are not in checkpoints: rebuild them on CPU."""
-    from transformers import AutoModelForCausalLM
+def convert_main(argv: list[str] | None, architecture: str | None, doc: str) -> None:
+    """The command line of tools/convert_to_hf*.py: any training checkpoint to a Hugging Face folder."""
+    import argparse
+    import sys
 
-    if not any(b.is_meta for b in model.buffers()):
-        return
-    fresh = AutoModelForCausalLM.from_config(config)
-    fresh_buffers = dict(fresh.named_buffers())
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            module._buffers[attr] = fresh_buffers[name]
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoints folder (its `latest`) or one tag folder")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically when complete)")
+    dtype = p.add_mutually_exclusive_group()
+    dtype.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="fp16 weights")
+    dtype.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="bf16 weights")
+    dtype.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--base", help="base model folder of a LoRA/QLoRA run (default: the one training used)")
+    p.add_argument("--template", help="chat template to embed (default: the one training used)")
+    args = p.parse_args(argv)
+    try:
+        out = export_hf(
+            args.checkpoint, args.out, args.dtype or "fp32", args.template, args.max_shard_size,
+            args.base, architecture, progress=True,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"exported {args.checkpoint} -> {out} ({len(shards)} safetensors file(s), {args.dtype or 'fp32'})")

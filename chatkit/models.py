@@ -40,24 +40,35 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def get_model_spec(name: str) -> ModelSpec:
-    try:
+def _lookup(name: str) -> ModelSpec | None:
+    """An entry by exact name, else case-insensitively or by a former name: folders made before the
+    entries took OpenChatKit's names (`pretrained/pythia-6.9b-deduped/model`) keep working."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown base model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    folded = name.casefold()
+    folded = _ALIASES.get(folded, folded).casefold()  # the aliases' keys are lower-case
+    return next((s for k, s in _REGISTRY.items() if k.casefold() == folded), None)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    spec = _lookup(name)
+    if spec is None:
+        raise KeyError(f"unknown base model {name!r}; known: {', '.join(list_models())}")
+    return spec
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY, key=str.casefold)
 
 
 def spec_for_path(model: str) -> ModelSpec | None:
     """The registry entry a recipe's `model` names: `pretrained/<name>/model`, `<name>` or a hub id."""
     path = Path(model)
     for name in (path.parent.name if path.name == "model" else path.name, model):
-        if name in _REGISTRY:
-            return _REGISTRY[name]
-    return next((s for s in _REGISTRY.values() if s.hf_id == model), None)
+        if spec := _lookup(name):
+            return spec
+    hub = model.casefold()  # hub ids are case-insensitive too
+    return next((s for s in _REGISTRY.values() if s.hf_id and s.hf_id.casefold() == hub), None)
 
 
 def nominal_params(spec: ModelSpec, vocab_size: int = 1024) -> int:
@@ -134,19 +145,26 @@ def _real(name, arch, template, hf_id, params, hidden, layers, inter, context) -
     register_model(ModelSpec(name, arch, template, hf_id, config, lora, params))
 
 
-# Parameter counts are the model cards' (or the safetensors index's); shapes their config.json.
-_real("pythia-6.9b-deduped", "gpt_neox", "openchatkit", "EleutherAI/pythia-6.9b-deduped",
+# Parameter counts are the model cards' (or the safetensors index's); shapes their config.json. The names
+# are OpenChatKit's `pretrained/<name>` folders; `pretrained/<name>/prepare.py` downloads each one.
+_real("Pythia-6.9B-deduped", "gpt_neox", "openchatkit", "EleutherAI/pythia-6.9b-deduped",
       6_857_302_016, 4096, 32, 16384, 2048)  # fmt: skip
-_real("gpt-neox-20b", "gpt_neox", "openchatkit", "EleutherAI/gpt-neox-20b",
+_real("GPT-NeoX-20B", "gpt_neox", "openchatkit", "EleutherAI/gpt-neox-20b",
       20_554_567_680, 6144, 44, 24576, 2048)  # fmt: skip
-_real("llama-2-7b-32k", "llama", "llama2", "togethercomputer/LLaMA-2-7B-32K",
+_real("Llama-2-7B-32K-beta", "llama", "llama2", "togethercomputer/LLaMA-2-7B-32K",
       6_738_415_616, 4096, 32, 11008, 32768)  # fmt: skip
-_real("open-llama-7b", "llama", "alpaca", "openlm-research/open_llama_7b",
+_real("open_llama_7b", "llama", "alpaca", "openlm-research/open_llama_7b",
       6_738_415_616, 4096, 32, 11008, 2048)  # fmt: skip
+_real("open_llama_3b", "llama", "alpaca", "openlm-research/open_llama_3b",
+      3_426_473_600, 3200, 26, 8640, 2048)  # fmt: skip
 _real("llama-13b", "llama", "koala", "huggyllama/llama-13b",
       13_015_864_320, 5120, 40, 13824, 2048)  # fmt: skip
-_real("llama-2-13b-chat", "llama", "llama2", "meta-llama/Llama-2-13b-chat-hf",
+_real("Llama-2-13b-chat-hf", "llama", "llama2", "meta-llama/Llama-2-13b-chat-hf",
       13_015_864_320, 5120, 40, 13824, 4096)  # fmt: skip
+
+# Names these entries had before they took OpenChatKit's folder names (other spellings: any case).
+_ALIASES = {"llama-2-7b-32k": "Llama-2-7B-32K-beta", "open-llama-7b": "open_llama_7b",
+            "open-llama-3b": "open_llama_3b", "llama-2-13b-chat": "Llama-2-13b-chat-hf"}  # fmt: skip
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, extra_tokens: Iterable[str] = ()):

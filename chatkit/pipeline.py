@@ -217,27 +217,56 @@ def hf_key(config, layer_idx: int, key: str) -> str | None:
     raise ValueError(f"unexpected key {key!r} in pipeline layer {layer_idx} ({n} decoder layers)")
 
 
-def pipeline_state_to_hf(tag_dir: str | Path) -> dict[str, torch.Tensor]:
-    """HF-named fp32 weights from a pipeline checkpoint's `layer_XX-*model_states.pt` files.
-
-    The tag directory must hold the model's config.json (the pipeline trainer writes it there). With
-    tied embeddings the head has no file of its own; its weight is the embedding's.
-    """
-    from transformers import AutoConfig
-
-    tag_dir = Path(tag_dir)
-    config = AutoConfig.from_pretrained(tag_dir)
+def _layer_files(tag_dir: Path) -> list[tuple[int, Path]]:
     files = sorted(tag_dir.glob("layer_*-model_states.pt"))  # also layer_XX-model_YY-model_states.pt
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no layer_XX-model_states.pt files (not a pipeline checkpoint)")
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        idx = int(f.name.split("-")[0].removeprefix("layer_"))
-        for key, value in torch.load(f, map_location="cpu", weights_only=True).items():
+    return [(int(f.name.split("-")[0].removeprefix("layer_")), f) for f in files]
+
+
+def pipeline_refs(tag_dir: str | Path):
+    """Refs (Hugging Face names, fp32) to the weights of a pipeline checkpoint's per-layer files, and a
+    hook that drops the one cached file. Any number of stages: the files are per layer, not per stage.
+
+    The tag directory must hold the model's config.json (the pipeline trainer writes it there). With
+    tied embeddings the head has no file of its own (and the export leaves it out, as transformers does).
+    """
+    from transformers import AutoConfig
+
+    from chatkit.weights import OneFileCache, TensorRef, torch_load_safe
+
+    tag_dir = Path(tag_dir)
+    config = AutoConfig.from_pretrained(tag_dir)
+    cache = OneFileCache()
+    refs = []
+    for idx, f in _layer_files(tag_dir):
+        for key, value in cache.get(f, torch_load_safe).items():
             name = hf_key(config, idx, key)
-            if name is not None:
-                weights[name] = value.float()
+            if name is None:
+                continue
+
+            def load(f=f, key=key) -> torch.Tensor:
+                return cache.get(f, torch_load_safe)[key].float()
+
+            refs.append(TensorRef(name, tuple(value.shape), torch.float32, load))
+    cache.clear()
+    return refs, cache.clear
+
+
+def tie_head(tag_dir: str | Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the head weight (the embedding's) to a tied model's state dict."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tag_dir)
     names = arch_names(config.model_type)
     if getattr(config, "tie_word_embeddings", False):
         weights[f"{names.head}.weight"] = weights[f"{names.base}.{names.embed}.weight"]
     return weights
+
+
+def pipeline_state_to_hf(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+    """HF-named fp32 state dict of a pipeline checkpoint, tied head included (small models, tests)."""
+    refs, release = pipeline_refs(tag_dir)
+    weights = {r.name: r.load() for r in refs}
+    release()
+    return tie_head(tag_dir, weights)

@@ -302,6 +302,15 @@ def sample_replies(engine, tokenizer, template, prompts: list[str], device) -> l
         engine.train()
 
 
+def log_samples(step: int, prompts: list[str], replies: list[str], rank: int, monitor) -> None:
+    """Sample replies to the log and to metrics.jsonl (rank 0), one line per prompt."""
+    if rank != 0:
+        return
+    for prompt, reply in zip(prompts, replies, strict=True):
+        logger.info(f"sample step {step} | {prompt!r} -> {reply!r}")
+    monitor.write({"step": step, "samples": dict(zip(prompts, replies, strict=True))})
+
+
 def run_eval(
     engine, val_sets, cfg, rank, world, device, tokenizer, template, step, monitor
 ) -> dict[str, float]:
@@ -313,11 +322,13 @@ def run_eval(
         if rank == 0:
             logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")
     if cfg.eval_prompts:
-        replies = sample_replies(engine, tokenizer, template, cfg.eval_prompts, device)
-        if rank == 0:
-            for prompt, reply in zip(cfg.eval_prompts, replies, strict=True):
-                logger.info(f"sample step {step} | {prompt!r} -> {reply!r}")
-            monitor.write({"step": step, "samples": dict(zip(cfg.eval_prompts, replies, strict=True))})
+        log_samples(
+            step,
+            cfg.eval_prompts,
+            sample_replies(engine, tokenizer, template, cfg.eval_prompts, device),
+            rank,
+            monitor,
+        )
     if row:
         monitor.write({"step": step, **row})
     return row

@@ -32,6 +32,7 @@ from chatkit.tokenization import add_template_tokens
 from chatkit.trainer import (
     init_distributed,
     load_sets,
+    log_samples,
     lr_lambda,
     real_tokens,
     resolve_ds_config,
@@ -104,8 +105,6 @@ def train_pipeline(cfg: TrainConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, rank, "loguru" in getattr(cfg, "train_log_backend", ["loguru"]))
     torch.manual_seed(cfg.seed)
-    if cfg.eval_prompts:
-        logger.warning("eval_prompts: the pipeline engine does not generate; sample replies are skipped")
 
     topo = make_topology(cfg.pipeline_stages, world)
     coord = topo.get_coord(rank)
@@ -145,7 +144,16 @@ def train_pipeline(cfg: TrainConfig) -> dict[str, float]:
             f"deepspeed={cfg.deepspeed}, {cfg.precision}"
         )
     return _loop(
-        cfg, engine, scheduler, batches, val_sets, tokenizer, model.config, total_steps, steps_per_epoch
+        cfg,
+        engine,
+        scheduler,
+        batches,
+        val_sets,
+        tokenizer,
+        template,
+        model.config,
+        total_steps,
+        steps_per_epoch,
     )
 
 
@@ -178,18 +186,78 @@ def evaluate_pipeline(engine, val_sets, cfg: TrainConfig, pad_id: int) -> float:
     return float(engine.eval_batch(data_iter=iter(items), num_micro_batches=len(items)))
 
 
-def _log_eval(engine, val_sets, cfg, tokenizer, step: int, monitor, rank: int) -> dict[str, float]:
-    if not val_sets:
-        return {}
-    val_loss = evaluate_pipeline(engine, val_sets, cfg, tokenizer.pad_token_id)
-    row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-    if rank == 0:
-        logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")
-    monitor.write({"step": step, **row})
+def _next_token_through_pipeline(engine, ids: list[int]) -> int:
+    """Greedy next token of `ids`: one forward through every stage (`eval_batch` returning logits on
+    the last stage), the choice broadcast from the last stage to the others of this pipeline."""
+    import torch.distributed as dist
+
+    n = len(ids)
+    row = torch.tensor([ids])
+    inputs = (row, torch.arange(n).unsqueeze(0), torch.ones(1, n, dtype=torch.long))
+    labels = (torch.full((1, n), -100), torch.tensor(0.0))
+    # eval_batch adds each output to `total_loss`, which it does not reset: a scalar left by the
+    # last train/eval step cannot take logits (and logits left here would break the next one).
+    engine.total_loss = None
+    _, logits = engine.eval_batch(
+        data_iter=iter([(inputs, labels)]), return_logits=True, compute_loss=False, reduce_output=None,
+        bcast_loss=False, num_micro_batches=1,
+    )  # fmt: skip
+    engine.total_loss = None
+    token = torch.zeros(1, dtype=torch.long, device=engine.device)
+    if engine.is_last_stage():
+        token[0] = int(logits[0, -1].float().argmax())
+    last = engine.grid.stage_to_global(engine.num_stages - 1)
+    dist.broadcast(token, src=last, group=engine.grid.get_pipe_parallel_group())
+    return int(token)
+
+
+def sample_replies_pipeline(engine, tokenizer, template, prompts: list[str], max_new_tokens: int = 64):
+    """Greedy replies to fixed prompts, run by every rank (each pipeline generates them alike).
+
+    Without a KV cache each new token re-reads the whole sequence: fine for a few short samples at
+    evaluation time, which is all this is for; chat goes through the exported model.
+    """
+    from chatkit.chat import ReplyAssembler
+    from chatkit.conversation import Message
+    from chatkit.tokenization import encode_prompt
+
+    eos = tokenizer.eos_token_id
+    replies = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, template, [Message("user", prompt)])
+        reply = ReplyAssembler(tokenizer, template)
+        for _ in range(max_new_tokens):
+            token = _next_token_through_pipeline(engine, ids)
+            if token == eos:
+                break
+            ids.append(token)
+            reply.push(token)
+            if reply.stopped:
+                break
+        reply.finish()
+        replies.append(reply.reply)
+    return replies
+
+
+def _log_eval(engine, val_sets, cfg, tokenizer, template, step: int, monitor, rank: int) -> dict[str, float]:
+    """Validation loss and perplexity, and sample replies to eval_prompts, as the ZeRO trainer logs them."""
+    row: dict[str, float] = {}
+    if val_sets:
+        val_loss = evaluate_pipeline(engine, val_sets, cfg, tokenizer.pad_token_id)
+        row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if rank == 0:
+            logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")
+    if cfg.eval_prompts:
+        replies = sample_replies_pipeline(engine, tokenizer, template, cfg.eval_prompts)
+        log_samples(step, cfg.eval_prompts, replies, rank, monitor)
+    if row:
+        monitor.write({"step": step, **row})
     return row
 
 
-def _loop(cfg, engine, scheduler, batches, val_sets, tokenizer, model_config, total_steps, steps_per_epoch):
+def _loop(
+    cfg, engine, scheduler, batches, val_sets, tokenizer, template, model_config, total_steps, steps_per_epoch
+):
     import torch.distributed as dist
 
     rank, out = dist.get_rank(), Path(cfg.output_dir)
@@ -229,11 +297,11 @@ def _loop(cfg, engine, scheduler, batches, val_sets, tokenizer, model_config, to
             t_last, tokens_since = now, 0.0
             monitor.step(last, total_steps)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-            last.update(_log_eval(engine, val_sets, cfg, tokenizer, step, monitor, rank))
+            last.update(_log_eval(engine, val_sets, cfg, tokenizer, template, step, monitor, rank))
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
             save(step)
     bar.close()
-    last.update(_log_eval(engine, val_sets, cfg, tokenizer, total_steps, monitor, rank))
+    last.update(_log_eval(engine, val_sets, cfg, tokenizer, template, total_steps, monitor, rank))
     path = save(total_steps)
     if rank == 0:
         logger.info(f"saved checkpoint {path}")

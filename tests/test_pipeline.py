@@ -85,6 +85,11 @@ def _val_losses(out: Path) -> list[float]:
     return [m["val_loss"] for m in rows if "val_loss" in m]
 
 
+def _samples(out: Path) -> list[dict[str, str]]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["samples"] for m in rows if "samples" in m]
+
+
 def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_ds: str) -> None:
     from safetensors.torch import load_file
 
@@ -127,6 +132,18 @@ def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_
     exported = AutoModelForCausalLM.from_pretrained(export_hf(pipe / "checkpoints", root / f"{model}-hf"))
     state = exported.state_dict()
     assert all(torch.equal(state[n], wp[n]) for n in wp)
+
+    # the reference run's ZeRO-3 checkpoint converts to the logits of DeepSpeed's own zero_to_fp32 merge
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    zero3 = AutoModelForCausalLM.from_pretrained(
+        export_hf(ref / "checkpoints", root / f"{model}-ref-hf", max_shard_size="100KB")
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(root / model)
+    theirs.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ref / "checkpoints")))
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 7]])
+    with torch.no_grad():
+        assert torch.allclose(zero3.eval()(ids).logits, theirs.eval()(ids).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("model", ["neox", "llama"])
@@ -176,9 +193,15 @@ def test_gpt_neox_packed_with_accumulation_matches_plain_trainer(root):
         "gradient_accumulation_steps=2",
         f"val_files=[{root / 'val.jsonl'}]",
         "eval_every=2",
+        'eval_prompts=["What is 2 + 3?", "Reverse the words: red fish blue"]',
     ]
     _compare_with_plain_trainer(root, "neox", common, "pipeline")
     assert len(_val_losses(root / "neox-pipe")) == 2  # at step 2 and at the end
+    # sample replies: greedy through the stages = greedy through the plain model's KV-cache engine
+    samples = {name: _samples(root / f"neox-{name}") for name in ("pipe", "ref")}
+    assert len(samples["pipe"]) == 2 and all(len(s) == 2 for s in samples["pipe"])
+    assert samples["pipe"] == samples["ref"]
+    assert any(reply for s in samples["pipe"] for reply in s.values())
 
     # killed with SIGKILL after step 3 (checkpoint at 2), resumed: the weights of the uninterrupted run
     from chatkit.pipeline import pipeline_state_to_hf
@@ -201,3 +224,33 @@ def test_llama_gqa_tied_unpacked_checkpointed_matches_plain_trainer(root):
     ds["pipeline"]["activation_checkpoint_interval"] = 1
     (root / "pipeline_ckpt.json").write_text(json.dumps(ds))
     _compare_with_plain_trainer(root, "llama", ["pack=false"], str(root / "pipeline_ckpt.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_stages_times_two_replicas_match_plain_data_parallel(root):
+    """4 ranks = 2 pipeline stages x 2 data-parallel replicas against the plain trainer on 2 data-parallel
+    ranks: the same rows per step on the same replicas, so the same losses, validation and weights."""
+    from chatkit.export import load_deepspeed_weights
+    from chatkit.pipeline import pipeline_state_to_hf
+
+    common = [
+        f"model={root / 'neox'}", "pack=true", f"val_files=[{root / 'val.jsonl'}]", "eval_every=2",
+        # a small lr keeps the model near its random start, whose greedy replies vary token to token
+        "learning_rate=1e-5", 'eval_prompts=["What is 2 + 3?", "Reverse the words: red fish blue"]',
+    ]  # fmt: skip
+    pipe = _wait(
+        root, "dp-pipe", _launch(root, "dp-pipe", 4, [*common, "pipeline_stages=2", "deepspeed=pipeline"])
+    )
+    ref = _wait(root, "dp-ref", _launch(root, "dp-ref", 2, [*common, "deepspeed=zero2"]))
+    assert "2 pipeline stages x 2 data-parallel" in (root / "dp-pipe.log").read_text()
+    lp, lr = _losses(pipe), _losses(ref)
+    assert len(lp) == 3 and max(abs(a - b) for a, b in zip(lp, lr, strict=True)) < 1e-4, (lp, lr)
+    vp, vr = _val_losses(pipe), _val_losses(ref)
+    assert len(vp) == 2 and max(abs(a - b) for a, b in zip(vp, vr, strict=True)) < 1e-4, (vp, vr)
+    wp, wr = pipeline_state_to_hf(pipe / "checkpoints" / "step3"), load_deepspeed_weights(ref / "checkpoints")
+    assert max(float((wp[n] - wr[n]).abs().max()) for n in wp) < 1e-4
+    # greedy replies generated through the stages (one eval_batch per token) = the plain model's
+    sp, sr = _samples(pipe), _samples(ref)
+    assert len(sp) == 2 and sp == sr
+    assert all(len(set(reply)) > 5 for s in sp for reply in s.values()), sp  # not one repeated token

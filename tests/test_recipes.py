@@ -100,7 +100,7 @@ def test_launcher_tiny_dry_run(script: str):
 
 def test_pythia_plan_on_eight_gpus(capsys, monkeypatch):
     cfg, plan, cmd = _dry_run(capsys, monkeypatch, "Pythia-Chat-Base-7B", "--num-gpus", "8")
-    assert "pythia-6.9b-deduped (EleutherAI/pythia-6.9b-deduped, gpt_neox), 6.86B parameters" in plan
+    assert "Pythia-6.9B-deduped (EleutherAI/pythia-6.9b-deduped, gpt_neox), 6.86B parameters" in plan
     assert "world: 8 rank(s) = 8 GPU(s) x 1 node(s)" in plan
     assert "parallelism: 4 pipeline stage(s) x 2 data-parallel" in plan  # OpenChatKit's 4 x 2
     assert "global batch: 1 micro x 2 DP x 32 accumulation = 64 rows of 2048" in plan
@@ -157,7 +157,7 @@ def test_tiny_swaps_offload_and_caps_stages():
 
 
 def test_memory_formula():
-    spec = get_model_spec("pythia-6.9b-deduped")
+    spec = get_model_spec("Pythia-6.9B-deduped")
     cfg = load_config(f"{REPO}/config/tiny.yaml", ["precision=bf16", "deepspeed=zero0"], check_files=False)
     mem, _ = memory_per_gpu(cfg, spec.params, spec.params, dp=8)
     assert sum(mem.values()) == 16 * spec.params  # 2 + 2 + 12 bytes a parameter, nothing sharded
@@ -173,9 +173,9 @@ def test_memory_formula():
 
 
 def test_registry_sizes():
-    assert lora_params(get_model_spec("llama-2-13b-chat"), 8, ["q_proj", "v_proj"]) == 6_553_600
+    assert lora_params(get_model_spec("Llama-2-13b-chat-hf"), 8, ["q_proj", "v_proj"]) == 6_553_600
     assert nominal_params(get_model_spec("tiny")) == pytest.approx(1.05e6, rel=0.05)
-    assert spec_for_path("EleutherAI/gpt-neox-20b").name == "gpt-neox-20b"
+    assert spec_for_path("EleutherAI/gpt-neox-20b").name == "GPT-NeoX-20B"
     assert spec_for_path("somewhere/else/model") is None
 
 

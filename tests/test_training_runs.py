@@ -174,6 +174,24 @@ def test_lora_leaves_base_weights_untouched(root):
     assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     assert losses(run)[STEPS] < losses(run)[1]
 
+    # the checkpoint converts to one plain model: the adapters merged, the adapter model's logits
+    from peft import PeftModel
+
+    out = root / "lora-hf"
+    r = subprocess.run(
+        [sys.executable, "tools/convert_to_hf_gptneox.py", "--checkpoint", str(run / "checkpoints"),
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(root / "base"), run / "checkpoints" / "step6"
+    )
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(ids).logits, peft.eval()(ids).logits, atol=1e-5)
+
 
 def test_qlora_4bit_with_8bit_adamw_trains_on_cpu(root):
     run = root / "qlora"
