@@ -4,6 +4,7 @@ and a PNG of the loss and learning-rate curves at the end. Rank 0 only."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,33 @@ class Monitor:
         self.out = out
         self.metrics = (out / "metrics.jsonl").open("a", encoding="utf-8") if enabled else None
         self.wandb = None
+        self.t_last, self.tokens_since = time.perf_counter(), 0.0
         if enabled and "wandb" in cfg.train_log_backend:
             import dataclasses
 
             import wandb
 
             self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=str(out))
+
+    def count_tokens(self, n: float) -> None:
+        """Real tokens trained since the last logged step, for its tokens/s."""
+        self.tokens_since += n
+
+    def log_step(
+        self, step: int, total: int, steps_per_epoch: int, loss: float, lr: float
+    ) -> dict[str, float]:
+        """The step's metrics row (on every rank, for the caller's `last`), logged on rank 0."""
+        now = time.perf_counter()
+        row = {
+            "step": step,
+            "epoch": round(step / max(steps_per_epoch, 1), 4),
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": self.tokens_since / (now - self.t_last),
+        }
+        self.t_last, self.tokens_since = now, 0.0
+        self.step(row, total)
+        return row
 
     def step(self, m: dict[str, float], total: int) -> None:
         if not self.enabled:

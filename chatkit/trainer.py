@@ -11,7 +11,6 @@ import importlib
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +155,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
         return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     get_accelerator().set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), torch.device(get_accelerator().device_name(local_rank))
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together before exiting.
+
+    Without it, interpreter shutdown tears down gloo's threads in whatever order it likes; a rank then
+    sometimes dies with "terminate called without an active exception" (exit 250) after a run that
+    finished and saved, and the launcher reports the whole run as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -372,7 +385,6 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     monitor = Monitor(cfg, out, rank == 0)
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     last: dict[str, float] = {}
-    t_last, tokens_since = time.perf_counter(), 0.0
     for step in range(start + 1, total_steps + 1):
         micro = [next(stream) for _ in range(gas)]
         global_count, step_tokens = all_sum(
@@ -388,19 +400,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             engine.step()
             loss_total += float(loss_sum.detach())
         checkpoint._fault("step", step)
-        tokens_since += step_tokens
+        monitor.count_tokens(step_tokens)
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
-            now = time.perf_counter()
-            last = {
-                "step": step,
-                "epoch": round(step / max(steps_per_epoch, 1), 4),
-                "loss": all_sum([loss_total], device)[0] / max(global_count, 1),
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_since / (now - t_last),
-            }
-            t_last, tokens_since = now, 0.0
-            monitor.step(last, total_steps)
+            loss = all_sum([loss_total], device)[0] / max(global_count, 1)  # a collective: every rank
+            last = monitor.log_step(step, total_steps, steps_per_epoch, loss, scheduler.get_last_lr()[0])
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
             last.update(
                 run_eval(engine, val_sets, cfg, rank, world, device, tokenizer, template, step, monitor)

@@ -14,7 +14,6 @@ per-token loss.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -271,7 +270,7 @@ def _loop(
     monitor = Monitor(cfg, out, rank == 0)
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     last: dict[str, float] = {}
-    epoch, t_last, tokens_since = 0, time.perf_counter(), 0.0
+    epoch = 0
 
     def save(step: int) -> Path:
         extra = {"epoch": epoch}
@@ -283,19 +282,10 @@ def _loop(
         # loss_sum * scale (see step_scale), broadcast from the last stage.
         loss = float(engine.train_batch(data_iter=iter(items)))
         checkpoint._fault("step", step)
-        tokens_since += step_tokens
+        monitor.count_tokens(step_tokens)
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
-            now = time.perf_counter()
-            last = {
-                "step": step,
-                "epoch": round(step / max(steps_per_epoch, 1), 4),
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_since / (now - t_last),
-            }
-            t_last, tokens_since = now, 0.0
-            monitor.step(last, total_steps)
+            last = monitor.log_step(step, total_steps, steps_per_epoch, loss, scheduler.get_last_lr()[0])
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
             last.update(_log_eval(engine, val_sets, cfg, tokenizer, template, step, monitor, rank))
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:

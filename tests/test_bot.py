@@ -277,7 +277,9 @@ def test_bot_on_a_terminal(tiny_model_dir: Path, tiny_engine: ChatEngine):
             buf.extend(os.read(master, 64))
         os.write(master, b"\x03")
         after_stop = _read_until(master, buf, b">>> ", started, timeout=30)
-        os.write(master, b"half a line\x03")
+        os.write(master, b"half a line")
+        _read_until(master, buf, b"half a line", after_stop, timeout=30)  # echoed: the prompt is reading
+        os.write(master, b"\x03")
         after_drop = _read_until(master, buf, b">>> ", after_stop + 4, timeout=30)
         os.write(master, b"/undo\n")
         _read_until(master, buf, b"(took back the last turn)", after_drop, timeout=30)

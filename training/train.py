@@ -11,7 +11,7 @@ import sys
 import warnings
 
 from chatkit.config import ConfigError, load_config
-from chatkit.trainer import train
+from chatkit.trainer import shutdown_distributed, train
 
 # torch's gloo path warns on every collective DeepSpeed makes; the message is not actionable here.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -33,6 +33,7 @@ def main() -> None:
     except ConfigError as e:
         sys.exit(f"error: {e}")
     train(cfg)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
