@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from chatkit.io import atomic_dir, write_json
+from chatkit.io import atomic_dir, check_apart, write_json
 from chatkit.trainer_meta import read_meta
 from chatkit.weights import DTYPES, OneFileCache, TensorRef, hf_refs, write_weights
 
@@ -149,9 +149,7 @@ def load_deepspeed_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def export_refs(
-    tag_dir: Path, config, base: str | Path | None = None
-) -> tuple[list[TensorRef], Callable[[], None]]:
+def export_refs(tag_dir: Path, base: str | Path | None = None) -> tuple[list[TensorRef], Callable[[], None]]:
     """The refs an export writes: the checkpoint's weights, or for LoRA runs the adapters merged into the
     base model (its full-precision weights, also for QLoRA, whose checkpoint holds 4-bit ones)."""
     if (tag_dir / "adapter_model.safetensors").is_file():
@@ -228,6 +226,7 @@ def export_hf(
     from chatkit.templates import get_template
 
     tag_dir = resolve_tag_dir(checkpoint)
+    check_apart(out, {"the checkpoint": tag_dir, **({"the base": base} if base else {})})
     meta = read_meta(tag_dir)
     template_name = template or meta["template"]
     config = AutoConfig.from_pretrained(tag_dir)
@@ -235,7 +234,7 @@ def export_hf(
         raise ValueError(f"{tag_dir}: a {config.model_type} checkpoint, not {architecture}")
     tokenizer = AutoTokenizer.from_pretrained(tag_dir)
     tokenizer.chat_template = get_template(template_name, tokenizer).chat_template
-    refs, release = export_refs(tag_dir, config, base)
+    refs, release = export_refs(tag_dir, base)
     refs = to_disk(refs, config, tag_dir)
     config.dtype = DTYPES[dtype]
     gen = GenerationConfig(

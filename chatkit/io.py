@@ -75,3 +75,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_apart(out: str | Path, inputs: dict[str, str | Path], error: type[Exception] = ValueError) -> None:
+    """Refuse an output folder that is, contains or sits inside an input folder.
+
+    `atomic_dir` replaces `out` whole when it is done, so an output over an input would delete that
+    input; every tool that writes a folder checks this before reading anything.
+    """
+    o = Path(out).resolve()
+    for role, path in inputs.items():
+        p = Path(path).resolve()
+        if o == p or o.is_relative_to(p) or p.is_relative_to(o):
+            raise error(
+                f"--out {out} overlaps {role} {path}: an output there would replace input {path}, and "
+                "inputs are never modified; choose another folder"
+            )

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from chatkit.io import atomic_dir, write_json
+from chatkit.io import atomic_dir, check_apart, write_json
 from chatkit.weights import DTYPES, TensorRef, WeightsError, torch_load_safe, write_weights
 
 PARAMS_FILE = "params.json"
@@ -415,15 +415,6 @@ class MetaConversion:
     template: str
 
 
-def _check_out(out: Path, inputs: list[Path]) -> None:
-    """`atomic_dir` replaces `out` whole: it must not be, or contain, an input."""
-    target = out.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if target == path or target in path.parents:
-            raise WeightsError(f"{out}: writing there would replace input {path}; choose another --out")
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
 
@@ -449,7 +440,7 @@ def convert_meta_llama(
     params = read_params(input_dir)
     files = find_shards(input_dir)
     tok_path = find_tokenizer(input_dir, tokenizer)
-    _check_out(out, [input_dir, tok_path])
+    check_apart(out, {"the input": input_dir, "the tokenizer": tok_path}, WeightsError)
     context = max_position_embeddings or default_context(llama_version, params.rope_theta)
     template = TEMPLATE_FOR_VERSION[llama_version]
     tok = build_tokenizer(tok_path, context, _chat_template(template))

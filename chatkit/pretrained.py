@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chatkit.conversation import iter_jsonl
+from chatkit.io import check_apart
 from chatkit.models import ModelSpec, build_model, get_model_spec, save_base, train_tokenizer
 from chatkit.templates import get_template
 
@@ -279,14 +280,6 @@ def _write_base_weights(src: Path, out: Path, dtype: str | None, max_shard_size,
     return len(refs), dropped
 
 
-def _check_apart(src: Path, out: Path) -> None:
-    s, o = src.resolve(), out.resolve()
-    if s == o or s in o.parents or o in s.parents:
-        raise PretrainedError(
-            f"--out {out} overlaps the source {src}, which is never modified: choose another"
-        )
-
-
 def prepare_base(
     name: str,
     out: str | Path | None = None,
@@ -318,7 +311,7 @@ def prepare_base(
         src = Path(source)
         origin, meta = str(src.resolve()), {"revision": revision}
     config = read_source_config(src, spec)
-    _check_apart(src, out)
+    check_apart(out, {"the source": src}, PretrainedError)
     logger.info("preparing %s in %s from %s", spec.name, out, src)
     with atomic_dir(out) as tmp:
         write_json(tmp / "config.json", _clean_config(config, dtype))

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from chatkit.io import atomic_dir, write_json
+from chatkit.io import atomic_dir, check_apart, write_json
 from chatkit.weights import (
     BIN_INDEX,
     CODE_DTYPES,
@@ -107,16 +107,11 @@ def _bitwise_mismatch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _check_folders(inputs: dict[str, Path], out: Path) -> None:
-    """Refuse an output that is, contains or sits inside an input: the atomic rename would replace it."""
-    o = out.resolve()
+    """Inputs must be folders, and the output apart from them (the atomic rename would replace it)."""
     for role, p in inputs.items():
         if not p.is_dir():
             raise DiffError(f"{role} {p}: not a folder")
-        r = p.resolve()
-        if o == r or o.is_relative_to(r) or r.is_relative_to(o):
-            raise DiffError(
-                f"--out {out} overlaps {role} {p}: inputs are never modified; pick another folder"
-            )
+    check_apart(out, inputs, DiffError)
 
 
 def _check_out_replaceable(out: Path, marker: str) -> None:

@@ -119,6 +119,15 @@ def test_wrong_architecture_is_refused(bases, tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "hf").exists()
 
 
+def test_export_never_writes_over_its_checkpoint(bases, tmp_path):
+    _write_pipeline_checkpoint(_perturbed(bases["neox"]), bases["neox"], tmp_path / "ckpt" / "step1")
+    before = sorted(p.name for p in (tmp_path / "ckpt" / "step1").iterdir())
+    for out in (tmp_path / "ckpt" / "step1", tmp_path / "ckpt"):
+        with pytest.raises(ValueError, match="overlaps the checkpoint"):
+            export_hf(tmp_path / "ckpt", out)
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "step1").iterdir()) == before
+
+
 def test_missing_layer_file_is_named(bases, tmp_path):
     _write_pipeline_checkpoint(_perturbed(bases["llama"]), bases["llama"], tmp_path / "ckpt" / "step1")
     (tmp_path / "ckpt" / "step1" / "layer_02-model_states.pt").unlink()

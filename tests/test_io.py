@@ -158,3 +158,14 @@ def test_atomic_dir_failure_without_existing(tmp_path):
         raise Boom
     assert not target.exists()
     assert _names(tmp_path) == set()
+
+
+def test_check_apart_refuses_outputs_over_inputs(tmp_path):
+    from chatkit.io import check_apart
+
+    src = tmp_path / "model"
+    src.mkdir()
+    for out in (src, src / "sub", tmp_path):  # the input itself, inside it, the folder holding it
+        with pytest.raises(ValueError, match="overlaps the source"):
+            check_apart(out, {"the source": src})
+    check_apart(tmp_path / "model-hf", {"the source": src})  # a sibling is fine

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from chatkit.io import atomic_dir
+from chatkit.io import atomic_dir, check_apart
 from chatkit.weights import DTYPES, WeightsError, copy_aux_files, hf_refs, weights_sha256, write_weights
 
 
@@ -33,6 +33,8 @@ def main() -> None:
         sys.exit("error: --out is --input: re-sharding in place replaces the input, so give --delete-input")
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
+        if not in_place:  # in place (with --delete-input) is the one overlap asked for
+            check_apart(out, {"--input": src})
         refs = hf_refs(src)
         with atomic_dir(out) as tmp:
             files = write_weights(tmp, refs, args.max_shard_size, dtype, progress=True)

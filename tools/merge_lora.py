@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from chatkit.io import atomic_dir
+from chatkit.io import atomic_dir, check_apart
 from chatkit.lora_merge import lora_merged_refs
 from chatkit.weights import DTYPES, WeightsError, copy_aux_files, hf_refs, write_weights
 
@@ -37,10 +37,9 @@ def main() -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     args = p.parse_args()
     base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
-    if out.resolve() in (base.resolve(), adapter.resolve()):
-        sys.exit("error: --out must be a new folder, not one of the inputs")
     torch_dtype = DTYPES[args.dtype] if args.dtype else None
     try:
+        check_apart(out, {"--base": base, "--adapter": adapter}, WeightsError)
         refs = lora_merged_refs(hf_refs(base), adapter)
         with atomic_dir(out) as tmp:
             write_weights(tmp, refs, args.max_shard_size, torch_dtype, progress=True)
