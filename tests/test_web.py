@@ -13,6 +13,7 @@ import pytest
 
 from chatkit.chat import ChatEngine, GenerationParams
 from chatkit.conversation import Message
+from chatkit.tokenization import encode_prompt
 
 CHROMIUM = "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -120,3 +121,45 @@ def test_page_chats_regenerates_stops_and_resets(served, browser, tiny_engine: C
     # Empty input does nothing.
     browser.find_element(By.ID, "send").click()
     assert len(bubbles(browser)) == 2
+
+
+def test_page_leaves_out_the_oldest_turns_when_the_chat_outgrows_the_context(
+    served, browser, tiny_engine: ChatEngine
+):
+    params = GenerationParams(max_new_tokens=100, sample=False)
+    words = "the cat sat on the mat and looked at the dog "
+
+    def long_text(tag: str) -> str:  # a turn of about 200 tokens: two no longer fit 512 with replies
+        text = tag
+        while len(tiny_engine.tokenizer.encode(text, add_special_tokens=False)) < 200:
+            text += " " + words.strip()
+        return text
+
+    first, second = long_text("first"), long_text("second")
+    browser.get(served.url + "/")
+    set_field(browser, "apikey", served.key)
+    set_field(browser, "temperature", "0")
+    set_field(browser, "maxtokens", "100")
+    send(browser, first)
+    wait_ready(browser, 2)
+    r1 = tiny_engine.reply([Message("user", first)], params)
+    assert bubbles(browser)[1] == ["assistant", r1]
+
+    send(browser, second)
+    history = [Message("user", first), Message("assistant", r1), Message("user", second)]
+
+    def prompt_len(msgs: list[Message]) -> int:
+        return len(encode_prompt(tiny_engine.tokenizer, tiny_engine.template, msgs))
+
+    ctx = tiny_engine.context_length
+    assert prompt_len(history) + 100 > ctx >= prompt_len(history[2:]) + 100  # only the last turn fits
+    status = "ready (2 oldest messages left out to fit the context)"
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text == status)
+    # The page still shows the whole chat; the reply is the engine's on the trimmed history (as the bot).
+    assert bubbles(browser) == [
+        ["user", first],
+        ["assistant", r1],
+        ["user", second],
+        ["assistant", tiny_engine.reply(history, params)],
+    ]
+    assert tiny_engine.reply(history, params) == tiny_engine.reply(history[2:], params)
