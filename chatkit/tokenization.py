@@ -79,3 +79,15 @@ def encode_prompt(tokenizer, template: ChatTemplate, messages: Sequence[Message]
     return encode_segments(
         tokenizer, template.segments(messages, eos, bos, add_generation_prompt=True)
     ).input_ids
+
+
+def padding_id(tokenizer) -> int:
+    """The id to pad batches with: the pad token, else eos, else 0.
+
+    Padded positions carry no label and attend only to themselves, so the id only has to be valid;
+    real Llama tokenizers have no pad token, and training must not depend on a prepare script
+    having set one."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0

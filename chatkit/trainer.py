@@ -34,7 +34,7 @@ from chatkit.data import (
 from chatkit.io import write_json
 from chatkit.monitor import Monitor
 from chatkit.templates import get_template
-from chatkit.tokenization import IGNORE_INDEX, Encoded, add_template_tokens
+from chatkit.tokenization import IGNORE_INDEX, Encoded, add_template_tokens, padding_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,7 +256,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, template, rank: int, world: int, o
     if any(src.weight is not None for src in sources):
         weights = [1.0 if src.weight is None else src.weight for src in sources]
     batches = Batches(
-        sets, weights, cfg.micro_batch_size, cfg.max_length, cfg.pack, rank, world, cfg.seed, tokenizer.pad_token_id
+        sets, weights, cfg.micro_batch_size, cfg.max_length, cfg.pack, rank, world, cfg.seed, padding_id(tokenizer)
     )  # fmt: skip
     return batches, val_sets
 
@@ -330,7 +330,7 @@ def run_eval(
     """Validation loss and perplexity, and sample replies to the recipe's eval_prompts, logged."""
     row: dict[str, float] = {}
     if val_sets:
-        val_loss = evaluate(engine, val_sets, cfg, rank, world, device, tokenizer.pad_token_id)
+        val_loss = evaluate(engine, val_sets, cfg, rank, world, device, padding_id(tokenizer))
         row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         if rank == 0:
             logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")

@@ -27,7 +27,7 @@ from chatkit.io import write_json
 from chatkit.monitor import Monitor
 from chatkit.pipeline import build_pipeline, pipeline_batch
 from chatkit.templates import get_template
-from chatkit.tokenization import add_template_tokens
+from chatkit.tokenization import add_template_tokens, padding_id
 from chatkit.trainer import (
     init_distributed,
     load_sets,
@@ -90,7 +90,7 @@ def load_batches(cfg: TrainConfig, tokenizer, template, rank: int, dp_rank: int,
         weights = [1.0 if src.weight is None else src.weight for src in sources]
     return Batches(
         sets, weights, cfg.micro_batch_size, cfg.max_length, cfg.pack,
-        dp_rank, dp_world, cfg.seed, tokenizer.pad_token_id,
+        dp_rank, dp_world, cfg.seed, padding_id(tokenizer),
     )  # fmt: skip
 
 
@@ -242,7 +242,7 @@ def _log_eval(engine, val_sets, cfg, tokenizer, template, step: int, monitor, ra
     """Validation loss and perplexity, and sample replies to eval_prompts, as the ZeRO trainer logs them."""
     row: dict[str, float] = {}
     if val_sets:
-        val_loss = evaluate_pipeline(engine, val_sets, cfg, tokenizer.pad_token_id)
+        val_loss = evaluate_pipeline(engine, val_sets, cfg, padding_id(tokenizer))
         row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         if rank == 0:
             logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")

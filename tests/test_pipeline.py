@@ -26,12 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _tiny_llama(neox_dir: Path, out: Path) -> None:
     """A seeded 3-layer, 64-wide Llama with grouped-query attention and tied embeddings, reusing
-    the tiny GPT-NeoX tokenizer."""
+    the tiny GPT-NeoX tokenizer without its pad token (as real Llama tokenizers have none)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from chatkit.models import save_base
 
     tok = AutoTokenizer.from_pretrained(neox_dir)
+    tok.pad_token = None
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
