@@ -78,6 +78,7 @@ def save(
     dist.barrier()
     state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}
     engine.save_checkpoint(str(root), tag=tmp, client_state=state, save_latest=False)
+    torch.save(rng_state(), rng_file(root / tmp, dist.get_rank()))
     save_adapter(engine.module, root / tmp, rank)
     dist.barrier()
     _fault("save", step)
@@ -124,12 +125,81 @@ def prune(root: Path, keep: int) -> None:
             logger.info(f"removed old checkpoint {path} (keep_checkpoints={keep})")
 
 
-def load(engine, root: Path, tag: str) -> dict[str, Any]:
-    """Restore a checkpoint into the engine; returns its client state (step, data position, ...)."""
+def deepspeed_safe_globals() -> list[Any]:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoints (the ZeRO stage, fp16 loss
+    scalers, ZeRO-1/2 parameter slices), allow-listed for `torch.load(weights_only=True)`."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """Read a DeepSpeed checkpoint file without running any code from it."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+# bitsandbytes saves a quantized weight's state next to it (4-bit: absmax, quant_map, ...; 8-bit: SCB,
+# weight_format). The resumed run quantized the same frozen base the same way, so it holds that state.
+QUANT_STATE_KEY = re.compile(
+    r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$|\.(SCB|weight_format)$"
+)
+
+
+def _load_quantized_module(src: dict[str, Any], dst: torch.nn.Module) -> None:
+    """A strict load that accepts only bitsandbytes' quantization state as extra keys."""
+    result = dst.load_state_dict(src, strict=False)
+    extra = [k for k in result.unexpected_keys if not QUANT_STATE_KEY.search(k)]
+    if result.missing_keys or extra:
+        raise RuntimeError(
+            f"the checkpoint does not match the model: missing {result.missing_keys[:5]}, unexpected {extra[:5]}"
+        )
+
+
+def load(engine, root: Path, tag: str, quantized: bool = False) -> dict[str, Any]:
+    """Restore a checkpoint into the engine; returns its client state (step, data position, ...).
+
+    DeepSpeed's checkpoint engine reads its files with `weights_only=False`, so a tampered checkpoint
+    could run code on resume; every file this engine reads goes through `load_weights_only` instead.
+    A quantized base (QLoRA) is loaded strictly except for bitsandbytes' quantization state.
+    """
+    engine.checkpoint_engine.load = load_weights_only
     path, state = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(root),
+        tag=tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        custom_load_fn=_load_quantized_module if quantized else None,
     )
     if path is None:
         raise FileNotFoundError(f"resume: {root / tag} could not be loaded")
-    torch.set_rng_state(state["torch_rng"])
+    import torch.distributed as dist
+
+    mine = rng_file(root / tag, dist.get_rank())
+    if mine.is_file():
+        set_rng_state(load_weights_only(mine))
+    else:  # saved by a run with fewer ranks: dropout masks will differ from an uninterrupted run
+        logger.warning(f"resume: no {mine.name} in {root / tag}; using rank 0's random state")
+        torch.set_rng_state(state["torch_rng"])
     return state
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_state_rank{rank}.pt"
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's random state. Per rank: ranks see rows of different widths, so their dropout draws
+    differ, and DeepSpeed keeps the client state of rank 0 only (ZeRO 0-2, pipeline)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

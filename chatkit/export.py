@@ -2,8 +2,8 @@
 generation_config with the right eos), streamed tensor by tensor (chatkit/weights.py).
 
 Checkpoint files are read with `torch.load(weights_only=True)`; the only non-tensor classes DeepSpeed
-pickles into them (a stage enum and a loss-scaler record) are allow-listed by name, so no code from a
-checkpoint ever runs. ZeRO-3 partitions are merged back into full fp32 tensors the way DeepSpeed's
+pickles into them (`chatkit.checkpoint.deepspeed_safe_globals`) are allow-listed by name, so no code
+from a checkpoint ever runs. ZeRO-3 partitions are merged back into full fp32 tensors the way DeepSpeed's
 own `zero_to_fp32` does.
 """
 
@@ -16,21 +16,14 @@ from typing import Any
 
 import torch
 
+from chatkit.checkpoint import load_weights_only
 from chatkit.io import atomic_dir, check_apart, write_json
 from chatkit.trainer_meta import read_meta
 from chatkit.weights import DTYPES, OneFileCache, TensorRef, hf_refs, write_weights
 
 
-def _safe_globals() -> list[Any]:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-
 def safe_load(path: Path) -> dict[str, Any]:
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return load_weights_only(path, mmap=True)
 
 
 def resolve_tag_dir(checkpoint: str | Path) -> Path:

@@ -370,7 +370,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     start = 0
     resume = checkpoint.find_resume(cfg)
     if resume:
-        start = int(checkpoint.load(engine, *resume)["step"])
+        start = int(checkpoint.load(engine, *resume, quantized=bool(cfg.quantize))["step"])
         if rank == 0:
             logger.info(f"resumed from {resume[0] / resume[1]} at step {start}")
     if rank == 0:
@@ -385,6 +385,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     monitor = Monitor(cfg, out, rank == 0)
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     last: dict[str, float] = {}
+    # from_pretrained returns modules in eval mode and DeepSpeed leaves them so (PEFT's new adapters
+    # are the exception): without this, dropout is off and bitsandbytes takes its inference path.
+    engine.train()
     for step in range(start + 1, total_steps + 1):
         micro = [next(stream) for _ in range(gas)]
         global_count, step_tokens = all_sum(

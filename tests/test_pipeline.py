@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_llama(neox_dir: Path, out: Path) -> None:
-    """A seeded 3-layer, 64-wide Llama with grouped-query attention and tied embeddings, reusing
-    the tiny GPT-NeoX tokenizer without its pad token (as real Llama tokenizers have none)."""
+    """A seeded 3-layer, 64-wide Llama with grouped-query attention, tied embeddings and
+    LLaMA-2-7B-32K's legacy linear RoPE scaling, reusing the tiny GPT-NeoX tokenizer without its pad
+    token (as real Llama tokenizers have none)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from chatkit.models import save_base
@@ -36,7 +37,8 @@ def _tiny_llama(neox_dir: Path, out: Path) -> None:
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        rope_scaling={"type": "linear", "factor": 8.0},
     )  # fmt: skip
     torch.manual_seed(0)
     save_base(LlamaForCausalLM(config), tok, out, "openchatkit")
@@ -156,6 +158,11 @@ def test_pipeline_layers_compute_the_hf_logits_on_packed_rows(root, model):
     from chatkit.tokenization import Encoded
 
     hf = AutoModelForCausalLM.from_pretrained(root / model).eval()
+    if model == "llama":  # the legacy rope_scaling key survived saving and loading
+        assert (hf.config.rope_parameters["rope_type"], hf.config.rope_parameters["factor"]) == (
+            "linear",
+            8.0,
+        )
     rows = [
         [Encoded([5, 6, 7, 8], [5, 6, 7, 8]), Encoded([9, 10, 11], [9, 10, 11])],
         [Encoded([12, 13], [12, 13])],

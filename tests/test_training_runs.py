@@ -2,8 +2,9 @@
 
 - ZeRO-3 on 2 ranks takes the same steps as a single process (loss to 1e-4, weights to 1e-4);
 - a run killed with SIGKILL (mid-training, or while saving) and resumed with resume=auto ends with
-  the weights of the uninterrupted run;
-- LoRA leaves the base weights untouched; QLoRA (4-bit NF4 base, 8-bit AdamW) trains on CPU;
+  the weights of the uninterrupted run; resuming runs no code from a tampered checkpoint;
+- LoRA leaves the base weights untouched; QLoRA (4-bit NF4 base, 8-bit AdamW) trains on CPU and
+  resumes exactly;
 - two launcher invocations as two nodes on loopback form one run;
 - evaluation logs validation loss and sample replies; wandb works offline; the curves PNG is written.
 """
@@ -147,6 +148,34 @@ def test_sigkill_while_saving_keeps_last_good_checkpoint(root, reference):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a tampered checkpoint could do to a resuming run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_runs_no_code_from_a_tampered_checkpoint(root, reference, tmp_path):
+    import shutil
+
+    run = root / "tampered"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    optim = run / "checkpoints" / "step6" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(optim, weights_only=False)
+    state["extra"] = _RunsCode(tmp_path / "by-resume")
+    torch.save(state, optim)
+    torch.load(optim, weights_only=False)  # the file is armed: a plain load runs its command
+    assert (tmp_path / "by-resume").exists()
+    (tmp_path / "by-resume").unlink()
+
+    r = launch(root, "tampered", "micro_batch_size=2", "resume=auto", ok=False)
+    assert not (tmp_path / "by-resume").exists()
+    assert "Weights only load failed" in r.stdout + r.stderr and "posix.system" in r.stdout + r.stderr
+
+
 def test_lora_leaves_base_weights_untouched(root):
     run = root / "lora"
     launch(
@@ -193,15 +222,34 @@ def test_lora_leaves_base_weights_untouched(root):
         assert torch.allclose(merged.eval()(ids).logits, peft.eval()(ids).logits, atol=1e-5)
 
 
-def test_qlora_4bit_with_8bit_adamw_trains_on_cpu(root):
-    run = root / "qlora"
-    launch(root, "qlora", "micro_batch_size=2", "quantize=4bit", "lora_r=8", "lora_alpha=16", "optim=adamw8bit",
-           "deepspeed=zero0", "learning_rate=2e-2", "max_steps=12")  # fmt: skip
+QLORA = ("micro_batch_size=2", "quantize=4bit", "lora_r=8", "lora_alpha=16", "optim=adamw8bit", "deepspeed=zero0",
+         "learning_rate=2e-2", "max_steps=12")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qlora(root) -> Path:
+    launch(root, "qlora", *QLORA)
+    return root / "qlora"
+
+
+def test_qlora_4bit_with_8bit_adamw_trains_on_cpu(qlora):
+    run = qlora
     loss = losses(run)
     first, second = [sum(loss[s] for s in r) / 6 for r in (range(1, 7), range(7, 13))]
     assert second < first - 0.05, loss  # adapters on a frozen random 4-bit base: a slow but real fall
     adapter = load_file(str(run / "checkpoints" / "step12" / "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_qlora_killed_then_resumed_matches_uninterrupted(root, qlora):
+    run = root / "qlora-killed"
+    launch(root, "qlora-killed", *QLORA, "save_every=6", env={"CHATKIT_FAULT": "step:9"}, ok=False)
+    assert (run / "checkpoints" / "latest").read_text() == "step6"
+    r = launch(root, "qlora-killed", *QLORA, "save_every=6", "resume=auto")
+    assert "at step 6" in r.stdout + r.stderr
+    assert losses(run)[12] == pytest.approx(losses(qlora)[12], abs=1e-6)
+    a, b = (load_file(str(p / "checkpoints" / "step12" / "adapter_model.safetensors")) for p in (qlora, run))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_two_nodes_on_loopback(root, tmp_path):
