@@ -78,6 +78,7 @@ def save(
     dist.barrier()
     state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}
     engine.save_checkpoint(str(root), tag=tmp, client_state=state, save_latest=False)
+    (root / tmp).mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file, on other nodes
     torch.save(rng_state(), rng_file(root / tmp, dist.get_rank()))
     save_adapter(engine.module, root / tmp, rank)
     dist.barrier()
