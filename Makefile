@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.chatkit-installed
 TORCH_INDEX ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-fast bench lint format clean
+.PHONY: install demo test test-fast test-gpu bench lint format clean
 
 install: $(STAMP)
 
@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 demo: install
 	bash tools/demo.sh
 
+# Every tier: the fast one, the slow end-to-end runs, and the gpu tier (which skips, saying why,
+# without a CUDA device). Plain `pytest` (and `make test-fast`) is the fast tier alone.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "" tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q tests
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done

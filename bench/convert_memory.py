@@ -7,9 +7,9 @@ Two conversions, each run by us and by the common alternative, each in a fresh P
 peak resident memory (VmHWM, reset after imports through /proc/self/clear_refs) is read at the end:
 
 - reshard: a Hugging Face folder in 4 shards -> shards of 1/10 the model. Ours: tools/make_shards.py's
-  path (chatkit.weights). Theirs: transformers `from_pretrained` + `save_pretrained(max_shard_size=...)`.
+  path (chatkit.convert.weights). Theirs: transformers `from_pretrained` + `save_pretrained(max_shard_size=...)`.
 - pipeline: a pipeline-parallel checkpoint (one `layer_XX-model_states.pt` per layer, as DeepSpeed writes)
-  -> a Hugging Face folder. Ours: chatkit.export.export_hf. Theirs: `torch.load` every layer file into
+  -> a Hugging Face folder. Ours: chatkit.convert.hf.export_hf. Theirs: `torch.load` every layer file into
   one state dict, rename, `safetensors.torch.save_file` (the shape of OpenChatKit's converter).
 
 Reported per run: seconds, GB/s (input bytes / wall time), peak RSS, its growth over the process's
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from chatkit.weights import TensorRef, write_weights
+from chatkit.convert.weights import TensorRef, write_weights
 
 PROBE = """
 import json, sys, time
@@ -50,7 +50,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "peak": rss("VmHWM:"), "
 """
 
 OURS_RESHARD = (
-    "from chatkit.weights import hf_refs, write_weights",
+    "from chatkit.convert.weights import hf_refs, write_weights",
     "write_weights(sys.argv[2], hf_refs(sys.argv[1]), int(sys.argv[3]))",
 )
 THEIRS_RESHARD = (
@@ -58,7 +58,7 @@ THEIRS_RESHARD = (
     "AutoModelForCausalLM.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], max_shard_size=int(sys.argv[3]))",
 )
 OURS_PIPELINE = (
-    "from chatkit.export import export_hf",
+    "from chatkit.convert.hf import export_hf",
     "export_hf(sys.argv[1], sys.argv[2], max_shard_size=int(sys.argv[3]))",
 )
 THEIRS_PIPELINE = (
@@ -92,7 +92,7 @@ def random_refs(config) -> list[TensorRef]:
     """The model's tensors as refs that draw seeded random data when loaded (never all at once)."""
     from transformers import AutoModelForCausalLM
 
-    from chatkit.export import disk_names
+    from chatkit.convert.hf import disk_names
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -110,7 +110,7 @@ def random_refs(config) -> list[TensorRef]:
 def make_inputs(root: Path, target_bytes: int) -> tuple[Path, Path, int]:
     """An HF folder in 4 shards and the same weights as a pipeline checkpoint; returns their paths."""
     from chatkit.models import train_tokenizer
-    from chatkit.pipeline import layer_specs
+    from chatkit.train.pipeline_model import layer_specs
 
     tok = train_tokenizer((f"sample text number {i} for the tokenizer" for i in range(2000)), vocab_size=512)
     config = config_for(target_bytes, len(tok))

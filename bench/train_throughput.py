@@ -142,7 +142,7 @@ def step_tokens_ours(ws: dict, rows_per_rank: int, ranks: int, max_length: int, 
 
     from chatkit.data import Batches, tokenize_file
     from chatkit.templates import get_template
-    from chatkit.trainer import real_tokens, trained_count
+    from chatkit.train.loss import real_tokens, trained_count
 
     tok = AutoTokenizer.from_pretrained(ws["model"])
     ts = tokenize_file(

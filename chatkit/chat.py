@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from chatkit.conversation import Message
+from chatkit.io import read_meta
 from chatkit.templates import ChatTemplate, get_template
 from chatkit.tokenization import encode_prompt
-from chatkit.trainer_meta import read_meta
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -202,8 +202,18 @@ def _input_device(model) -> torch.device:
 
 
 class ChatEngine:
-    def __init__(self, model, tokenizer, template: ChatTemplate, device: torch.device | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: ChatTemplate,
+        device: torch.device | None = None,
+        token_sync: Callable[[int], int] | None = None,
+    ):
+        """`token_sync` makes every process that decodes together take the same token: training samples
+        replies on all ranks at once (ZeRO-3 forwards are collective), and ranks must stop together."""
         self.model = model.eval()
+        self.token_sync = token_sync
         self.tokenizer = tokenizer
         self.template = template
         self.device = device or _input_device(model)
@@ -256,6 +266,18 @@ class ChatEngine:
                     f"the model's context of {self.context_length} tokens"
                 )
             msgs = msgs[:first] + msgs[nxt:]
+
+    def prompt_length(self, messages: Sequence[Message]) -> int:
+        """Tokens in the whole prompt of `messages`, no turn left out: what `stream` feeds when it fits.
+
+        A caller that must refuse a conversation too long for the context (the server answers
+        `context_length_exceeded`; it must not trim silently as `prompt_ids` does) measures it here,
+        with the engine's own template and tokenization, so the measure and the prompt cannot differ."""
+        return len(encode_prompt(self.tokenizer, self.template, messages))
+
+    def text_length(self, text: str) -> int:
+        """Tokens in raw text as `complete` encodes it (no special tokens), for the same checks."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def raw_prompt(self, messages: Sequence[Message]) -> str:
         eos, bos = self.tokenizer.eos_token, self.tokenizer.bos_token or ""
@@ -322,6 +344,8 @@ class ChatEngine:
             out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, **extra)
             past = out.past_key_values
             tok = _next_token(out.logits[0, -1].cpu(), p, gen)
+            if self.token_sync is not None:
+                tok = self.token_sync(tok)
             info.completion_tokens += 1
             if tok in self.eos_ids:
                 info.finish_reason = "stop"

@@ -19,7 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,8 +156,9 @@ def _fingerprint(path: str, tokenizer, template, max_length: int, overlong: str)
     h.update(repr(sorted(tokenizer.all_special_tokens)).encode())
     h.update(f"{template.name}\0{template.chat_template}\0{max_length}\0{overlong}".encode())
     here = Path(__file__).parent
-    for module in ("data.py", "tokenization.py", "templates.py", "template_hf.py", "conversation.py"):
-        h.update((here / module).read_bytes())
+    templates = sorted((here / "templates").glob("*.py"))
+    for module in (here / "data.py", here / "tokenization.py", *templates, here / "conversation.py"):
+        h.update(module.read_bytes())
     return h.hexdigest()
 
 
@@ -355,6 +356,8 @@ class Batches:
     world_size: int
     seed: int
     pad_id: int
+    collate: Callable[[Sequence[Sequence[Encoded]], int], dict[str, torch.Tensor]] = collate_rows
+    """The training method's collate (chatkit.train.method)."""
 
     def rows(self, epoch: int) -> list[list[tuple[int, int]]]:
         order = epoch_order([len(s) for s in self.sets], self.weights, self.seed, epoch)
@@ -387,7 +390,7 @@ class Batches:
                 continue
             for start in starts[skip:]:
                 mine = rows[start + self.rank * self.micro_batch_size :][: self.micro_batch_size]
-                batch = collate_rows([[self.sets[f].example(j) for f, j in row] for row in mine], self.pad_id)
+                batch = self.collate([[self.sets[f].example(j) for f, j in row] for row in mine], self.pad_id)
                 yield epoch, batch
             skip = 0
             epoch += 1

@@ -91,3 +91,11 @@ def check_apart(out: str | Path, inputs: dict[str, str | Path], error: type[Exce
                 f"--out {out} overlaps {role} {path}: an output there would replace input {path}, and "
                 "inputs are never modified; choose another folder"
             )
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """The small `chatkit.json` every checkpoint and export carries (template, base model); {} if absent."""
+    path = Path(folder) / "chatkit.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))

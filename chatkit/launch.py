@@ -10,7 +10,6 @@ demo data, for a few steps, so every recipe can be tried on a laptop.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import socket
@@ -21,10 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from chatkit.architectures import ARCHITECTURES
 from chatkit.config import ConfigError, TrainConfig, load_config
-from chatkit.models import spec_for_path
-from chatkit.plan import World, ds_preset, plan_lines
-from chatkit.pretrained import TINY_BY_ARCH
+from chatkit.plan import World, base_config, ds_preset, plan_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
@@ -69,9 +67,9 @@ def _divisor_at_most(n: int, limit: int) -> int:
 def tiny_overrides(cfg: TrainConfig, recipe: str, ranks: int, gpu: bool) -> list[str]:
     """Overrides that turn a recipe into its tiny variant; everything else (template, LoRA, QLoRA,
     ZeRO stage, pipeline) stays as the recipe has it, so the variant exercises the same code."""
-    spec = spec_for_path(cfg.model)
-    arch = spec.architecture if spec else _folder_arch(cfg.model)
-    tiny = TINY_BY_ARCH.get(arch, "tiny")
+    base = base_config(cfg.model)  # the registry entry's family, else the folder's config.json's
+    arch = ARCHITECTURES.get(base["model_type"] if base else "", ARCHITECTURES["gpt_neox"])
+    tiny = arch.tiny
     out = [
         f"model=pretrained/{tiny}/model", f"train_files=[{DEMO_TRAIN}]", "val_files=[]", "eval_prompts=[]",
         f"output_dir=outputs/{Path(recipe).stem}-tiny", "max_steps=4", f"max_length={min(cfg.max_length, 256)}",
@@ -91,13 +89,6 @@ def tiny_overrides(cfg: TrainConfig, recipe: str, ranks: int, gpu: bool) -> list
     return out
 
 
-def _folder_arch(model: str) -> str:
-    try:
-        return json.loads((Path(model) / "config.json").read_text())["model_type"]
-    except (OSError, ValueError, KeyError):
-        return "gpt_neox"
-
-
 def ensure_tiny_inputs(cfg: TrainConfig) -> None:
     """Write the demo data and build the tiny base the tiny variant uses, when they are missing."""
     if DEMO_TRAIN in cfg.train_files and not Path(DEMO_TRAIN).is_file():
@@ -108,13 +99,13 @@ def ensure_tiny_inputs(cfg: TrainConfig) -> None:
         write_conversations(DEMO_TRAIN, train)
         write_conversations(Path(DEMO_TRAIN).with_name("heldout.jsonl"), heldout)
         print(f"wrote the demo data to {Path(DEMO_TRAIN).parent}/", file=sys.stderr)
-    for arch, name in TINY_BY_ARCH.items():
-        path = f"pretrained/{name}/model"
+    for arch in ARCHITECTURES.values():
+        path = f"pretrained/{arch.tiny}/model"
         if cfg.model == path and not Path(path, "config.json").is_file():
             from chatkit.pretrained import prepare_tiny
 
-            n = prepare_tiny([DEMO_TRAIN], path, arch=arch)
-            print(f"built the tiny {arch} base ({n:,} parameters) in {path}", file=sys.stderr)
+            n = prepare_tiny([DEMO_TRAIN], path, arch=arch.model_type)
+            print(f"built the tiny {arch.model_type} base ({n:,} parameters) in {path}", file=sys.stderr)
 
 
 def free_port() -> int:

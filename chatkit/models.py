@@ -25,11 +25,12 @@ class ModelSpec:
     """Chat template fine-tunes of this model use by default."""
     hf_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    """Hugging Face config values: the whole shape of a model built from scratch; hidden_size,
-    num_hidden_layers, intermediate_size and max_position_embeddings of a real one (for plans)."""
-    lora_targets: tuple[str, ...] = ()
+    """Hugging Face config values: the whole shape of a model built from scratch; of a real one, the
+    values of its config.json that fix the shape of every weight (a model built from them on the meta
+    device has the real one's parameters, tensor for tensor), and its context."""
     params: int = 0
-    """Nominal parameter count (the model card's), for plans; 0: count from `config`."""
+    """Nominal parameter count (the model card's), for plans; 0: count from `config`
+    (`chatkit.architectures.Architecture.nominal_params`)."""
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -71,30 +72,6 @@ def spec_for_path(model: str) -> ModelSpec | None:
     return next((s for s in _REGISTRY.values() if s.hf_id and s.hf_id.casefold() == hub), None)
 
 
-def nominal_params(spec: ModelSpec, vocab_size: int = 1024) -> int:
-    """The card's parameter count, or one counted from the shape (tiny models: `vocab_size`)."""
-    if spec.params:
-        return spec.params
-    c = spec.config
-    h, n, i = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
-    mlp = (3 if spec.architecture == "llama" else 2) * h * i
-    return n * (4 * h * h + mlp) + 2 * vocab_size * h  # biases and norms left out
-
-
-def lora_params(spec: ModelSpec, r: int, targets: Iterable[str] = ()) -> int:
-    """Trainable parameters of rank-r LoRA on `targets` (default: the entry's): r x (in + out) each."""
-    c = spec.config
-    h, i = c["hidden_size"], c["intermediate_size"]
-    kv = h * c.get("num_key_value_heads", c.get("num_attention_heads", 1)) // c.get("num_attention_heads", 1)
-    shapes = {
-        "query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h),
-        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-    }  # fmt: skip
-    per_layer = sum(sum(shapes[t]) for t in (targets or spec.lora_targets) if t in shapes)
-    return r * per_layer * c["num_hidden_layers"]
-
-
 register_model(
     ModelSpec(
         name="tiny",
@@ -110,7 +87,6 @@ register_model(
             use_parallel_residual=True,
             tie_word_embeddings=False,
         ),
-        lora_targets=("query_key_value", "dense"),
     )
 )
 
@@ -129,38 +105,46 @@ register_model(
             max_position_embeddings=512,
             tie_word_embeddings=False,
         ),
-        lora_targets=("q_proj", "v_proj"),
     )
 )
 
-_NEOX_LORA = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+def _real(name: str, arch: str, template: str, hf_id: str, params: int, **config: Any) -> None:
+    register_model(ModelSpec(name, arch, template, hf_id, config, params))
 
 
-def _real(name, arch, template, hf_id, params, hidden, layers, inter, context) -> None:
-    config = dict(
-        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, max_position_embeddings=context
-    )
-    lora = _NEOX_LORA if arch == "gpt_neox" else _LLAMA_LORA
-    register_model(ModelSpec(name, arch, template, hf_id, config, lora, params))
-
-
-# Parameter counts are the model cards' (or the safetensors index's); shapes their config.json. The names
-# are OpenChatKit's `pretrained/<name>` folders; `pretrained/<name>/prepare.py` downloads each one.
-_real("Pythia-6.9B-deduped", "gpt_neox", "openchatkit", "EleutherAI/pythia-6.9b-deduped",
-      6_857_302_016, 4096, 32, 16384, 2048)  # fmt: skip
-_real("GPT-NeoX-20B", "gpt_neox", "openchatkit", "EleutherAI/gpt-neox-20b",
-      20_554_567_680, 6144, 44, 24576, 2048)  # fmt: skip
-_real("Llama-2-7B-32K-beta", "llama", "llama2", "togethercomputer/LLaMA-2-7B-32K",
-      6_738_415_616, 4096, 32, 11008, 32768)  # fmt: skip
-_real("open_llama_7b", "llama", "alpaca", "openlm-research/open_llama_7b",
-      6_738_415_616, 4096, 32, 11008, 2048)  # fmt: skip
-_real("open_llama_3b", "llama", "alpaca", "openlm-research/open_llama_3b",
-      3_426_473_600, 3200, 26, 8640, 2048)  # fmt: skip
-_real("llama-13b", "llama", "koala", "huggyllama/llama-13b",
-      13_015_864_320, 5120, 40, 13824, 2048)  # fmt: skip
-_real("Llama-2-13b-chat-hf", "llama", "llama2", "meta-llama/Llama-2-13b-chat-hf",
-      13_015_864_320, 5120, 40, 13824, 4096)  # fmt: skip
+# Parameter counts are the model cards' (or the safetensors index's); shapes the config.json of each hub
+# repository (https://huggingface.co/<hf_id>/blob/main/config.json), every value that fixes a weight's
+# shape: a model built from them has the card's parameter count exactly (tests/test_architectures.py).
+# The names are OpenChatKit's `pretrained/<name>` folders; `pretrained/<name>/prepare.py` downloads each.
+_real("Pythia-6.9B-deduped", "gpt_neox", "openchatkit", "EleutherAI/pythia-6.9b-deduped", 6_857_302_016,
+      # https://huggingface.co/EleutherAI/pythia-6.9b-deduped/blob/main/config.json
+      hidden_size=4096, num_hidden_layers=32, intermediate_size=16384, max_position_embeddings=2048,
+      num_attention_heads=32, vocab_size=50432, tie_word_embeddings=False)  # fmt: skip
+_real("GPT-NeoX-20B", "gpt_neox", "openchatkit", "EleutherAI/gpt-neox-20b", 20_554_567_680,
+      # https://huggingface.co/EleutherAI/gpt-neox-20b/blob/main/config.json
+      hidden_size=6144, num_hidden_layers=44, intermediate_size=24576, max_position_embeddings=2048,
+      num_attention_heads=64, vocab_size=50432, tie_word_embeddings=False)  # fmt: skip
+_real("Llama-2-7B-32K-beta", "llama", "llama2", "togethercomputer/LLaMA-2-7B-32K", 6_738_415_616,
+      # https://huggingface.co/togethercomputer/LLaMA-2-7B-32K/blob/main/config.json
+      hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, max_position_embeddings=32768,
+      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+_real("open_llama_7b", "llama", "alpaca", "openlm-research/open_llama_7b", 6_738_415_616,
+      # https://huggingface.co/openlm-research/open_llama_7b/blob/main/config.json
+      hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, max_position_embeddings=2048,
+      num_attention_heads=32, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+_real("open_llama_3b", "llama", "alpaca", "openlm-research/open_llama_3b", 3_426_473_600,
+      # https://huggingface.co/openlm-research/open_llama_3b/blob/main/config.json (head_dim 100)
+      hidden_size=3200, num_hidden_layers=26, intermediate_size=8640, max_position_embeddings=2048,
+      num_attention_heads=32, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+_real("llama-13b", "llama", "koala", "huggyllama/llama-13b", 13_015_864_320,
+      # https://huggingface.co/huggyllama/llama-13b/blob/main/config.json
+      hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, max_position_embeddings=2048,
+      num_attention_heads=40, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+_real("Llama-2-13b-chat-hf", "llama", "llama2", "meta-llama/Llama-2-13b-chat-hf", 13_015_864_320,
+      # https://huggingface.co/meta-llama/Llama-2-13b-chat-hf/blob/main/config.json
+      hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, max_position_embeddings=4096,
+      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
 
 # Names these entries had before they took OpenChatKit's folder names (other spellings: any case).
 _ALIASES = {"llama-2-7b-32k": "Llama-2-7B-32K-beta", "open-llama-7b": "open_llama_7b",
@@ -199,14 +183,13 @@ def build_model(spec: ModelSpec, tokenizer, seed: int = 0, **overrides: Any):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        spec.architecture,
-        vocab_size=len(tokenizer),
+    sized = dict(
+        vocab_size=len(tokenizer),  # the tokenizer's, not a real entry's
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **{**spec.config, **overrides},
     )
+    cfg = AutoConfig.for_model(spec.architecture, **{**spec.config, **sized, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 

@@ -1,8 +1,12 @@
 """What a run will take, from the resolved config and the model registry alone (no weights, no data).
 
 `chatkit.launch --dry-run` prints it: world size, pipeline x data parallelism, global batch, tokens
-per step, precision, ZeRO stage, adapters, and an estimate of the memory each GPU needs for the
-weights, the gradients and the Adam states (activations are not estimated).
+per step, precision, ZeRO stage, adapters, the parameters that train, and an estimate of the memory
+each GPU needs for the weights, the gradients and the Adam states (activations are not estimated).
+
+LoRA targets are decided as training decides them (`chatkit.architectures.resolve_lora_targets`), and
+counted with the family's record (`Architecture.lora_params`, r x (in + out) per adapted module, as PEFT
+builds them): the count printed is the count of `requires_grad` parameters training will report.
 
 The estimate is the ZeRO paper's (Rajbhandari et al., 2020): per trained parameter, w bytes of
 weights, g of gradients and o of optimizer states: bf16/fp16 training keeps 2 + 2 + 12 (fp32
@@ -17,9 +21,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from chatkit.architectures import ARCHITECTURES, get_architecture, resolve_lora_targets
 from chatkit.config import TrainConfig
-from chatkit.models import lora_params, nominal_params, spec_for_path
+from chatkit.models import ModelSpec, spec_for_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -42,6 +48,41 @@ def ds_preset(name: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def base_config(model: str) -> dict[str, Any] | None:
+    """A recipe's base as a Hugging Face config (with `model_type`): its registry entry's shape, else its
+    folder's config.json (a base not in the registry); None when neither is there."""
+    spec = spec_for_path(model)
+    if spec is not None:
+        return {"model_type": spec.architecture, **spec.config}
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and isinstance(config.get("model_type"), str) else None
+
+
+def nominal_params(spec: ModelSpec) -> int:
+    """The card's parameter count, or the record's count from the entry's shape (the tiny models)."""
+    return spec.params or get_architecture(spec.architecture).nominal_params(spec.config)
+
+
+def trainable_params(cfg: TrainConfig, config: dict[str, Any]) -> tuple[int, list[str]]:
+    """LoRA parameters training will make trainable on a base of `config`, and the targets among
+    `resolve_lora_targets`'s that the count leaves out (no linear module of a decoder layer has that name)."""
+    arch = get_architecture(config["model_type"])
+    targets = resolve_lora_targets(cfg, arch.model_type)
+    shapes = arch.linear_shapes(config)
+    known = [t for t in targets if t in shapes]
+    unknown = [t for t in targets if t not in shapes]
+    return (arch.lora_params(config, cfg.lora_r, known) if known else 0), unknown
+
+
+def _countable(config: dict[str, Any] | None) -> bool:
+    """Whether the records can count `config`'s parameters: a known family, the shape keys there."""
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size")
+    return bool(config) and config["model_type"] in ARCHITECTURES and all(k in config for k in keys)
 
 
 def _count(n: float) -> str:
@@ -95,13 +136,21 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
     )
     if not world.gpu and world.nodes > 1:
         where = f"{world.per_node} CPU rank(s) x {world.nodes} node(s)"
-    lines = [f"world: {world.ranks} rank(s) = {where}"]
+    config = base_config(cfg.model)
+    model_type = config["model_type"] if config else None
+    countable = _countable(config)
+    if spec is not None:
+        total = nominal_params(spec)
+    else:  # a folder's config.json, when it has one of a known family
+        total = get_architecture(model_type).nominal_params(config) if countable else None
     if spec is None:
-        lines.insert(0, f"model: {cfg.model} (not in chatkit.models: size unknown, no memory estimate)")
+        size = f"about {_count(total)} parameters by its config.json" if total else "size unknown"
+        family = f"{model_type}, " if model_type else ""
+        lines = [f"model: {cfg.model} ({family}not in chatkit.models: {size}, no memory estimate)"]
     else:
-        params = nominal_params(spec)
         hub = f"{spec.hf_id}, " if spec.hf_id else ""
-        lines.insert(0, f"model: {spec.name} ({hub}{spec.architecture}), {_count(params)} parameters")
+        lines = [f"model: {spec.name} ({hub}{spec.architecture}), {_count(total)} parameters"]
+    lines.append(f"world: {world.ranks} rank(s) = {where}")
     lines.append(f"parallelism: {stages} pipeline stage(s) x {dp} data-parallel")
     if world.ranks % stages:
         lines.append(
@@ -122,14 +171,41 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
     lines.append(
         f"precision: {cfg.precision}; deepspeed: {cfg.deepspeed} (ZeRO stage {stage}); optimizer: {cfg.optim}"
     )
+    trainable = total
     if cfg.lora_r:
         kind = f"QLoRA ({cfg.quantize} base)" if cfg.quantize else "LoRA"
-        targets = cfg.lora_targets or (list(spec.lora_targets) if spec else ["(all linear)"])
-        lines.append(
-            f"adapters: {kind} r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} on {','.join(targets)}"
+        targets = resolve_lora_targets(cfg, model_type)  # what training passes to PEFT
+        named = (
+            ",".join(targets)
+            if isinstance(targets, list)
+            else f"{targets} (PEFT's: every linear layer but the head)"
         )
+        lines.append(
+            f"adapters: {kind} r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} on {named}"
+        )
+        if countable:
+            trainable, unknown = trainable_params(cfg, config)
+            if unknown:
+                lines.append(
+                    f"warning: lora_targets {unknown}: no linear module of a {model_type} decoder layer has that "
+                    "name; they are left out of the count (PEFT adapts whatever module of that name it finds, "
+                    "and stops when no target matches)"
+                )
+            lines.append(
+                f"trainable: {trainable:,} of {_count(total)} parameters ({100 * trainable / total:.3g}%)"
+            )
+        else:
+            if not model_type:
+                why = "the base's family is unknown: not in chatkit.models, no config.json"
+            elif model_type not in ARCHITECTURES:
+                why = f"chatkit.architectures has no record of {model_type!r}"
+            else:
+                why = "the base's config.json lacks its shape"
+            lines.append(f"trainable: unknown ({why})")
+            trainable = None
     else:
         lines.append("adapters: none (every weight trains)")
+        lines.append(f"trainable: every weight{f', {_count(total)} parameters' if total else ''}")
     if cfg.max_steps:
         lines.append(
             f"steps: {cfg.max_steps:,} (max_steps) = {_count(cfg.max_steps * tokens)} tokens at most"
@@ -138,10 +214,8 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
         lines.append(
             f"steps: {cfg.epochs:g} epoch(s); the count depends on the data (see the run's first log line)"
         )
-    if spec is not None:
-        params = nominal_params(spec)
-        trainable = lora_params(spec, cfg.lora_r, cfg.lora_targets) if cfg.lora_r else params
-        mem, formula = memory_per_gpu(cfg, params, trainable, dp)
+    if spec is not None and trainable is not None:
+        mem, formula = memory_per_gpu(cfg, total, trainable, dp)
         parts = " + ".join(f"{k} {_size(v)}" for k, v in mem.items())
         lines.append(
             f"memory per GPU: {_size(sum(mem.values()))} = {parts}; {formula}; activations not included"

@@ -6,7 +6,7 @@ config.json, tokenizer (always with a tokenizer.json, and the registry template'
 embedded), weights as safetensors (streamed tensor by tensor, optionally cast), `chatkit.json`.
 
 That folder is all every engine needs. OpenChatKit also split the weights into per-layer files for
-its pipeline trainer; chatkit's pipeline engine (`chatkit.pipeline.build_pipeline`) builds its
+its pipeline trainer; chatkit's pipeline engine (`chatkit.train.pipeline_model.build_pipeline`) builds its
 stages from the transformers model loaded from this folder, so there is no per-layer layout to make.
 """
 
@@ -22,15 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatkit.architectures import get_architecture
 from chatkit.conversation import iter_jsonl
 from chatkit.io import check_apart
 from chatkit.models import ModelSpec, build_model, get_model_spec, save_base, train_tokenizer
 from chatkit.templates import get_template
 
 logger = logging.getLogger(__name__)
-
-TINY_BY_ARCH = {"gpt_neox": "tiny", "llama": "tiny-llama"}
-"""The tiny registry entry of each architecture; `chatkit.launch --tiny` swaps it in for a recipe's base."""
 
 
 def _corpus_texts(paths: Sequence[str], template: str) -> Iterator[str]:
@@ -75,9 +73,11 @@ def prepare_tiny(
 ) -> int:
     """Train a tokenizer on `corpus`, build the tiny model, save both to `out`; returns #params.
 
-    `arch` is gpt_neox (registry entry `tiny`) or llama (`tiny-llama`); the tokenizer is the same.
+    `arch` is a `chatkit.architectures` family: gpt_neox (registry entry `tiny`) or llama (`tiny-llama`),
+    its record's `tiny`; the tokenizer is the same.
     """
-    spec = get_model_spec(TINY_BY_ARCH[arch])
+    family = get_architecture(arch)
+    spec = get_model_spec(family.tiny)
     tpl = get_template(template)
     tokenizer = train_tokenizer(_corpus_texts(corpus, template), vocab_size, extra_tokens=tpl.special_tokens)
     overrides = {}
@@ -85,11 +85,10 @@ def prepare_tiny(
         overrides["num_hidden_layers"] = layers
     if hidden:
         overrides["hidden_size"] = hidden
-        # GPT-NeoX's MLP is 4x wide; Llama's SwiGLU about 8/3x, as its own configs have it.
-        overrides["intermediate_size"] = 4 * hidden if arch == "gpt_neox" else 8 * hidden // 3
+        overrides["intermediate_size"] = family.intermediate_size(hidden)
     if heads:
         overrides["num_attention_heads"] = heads
-        if arch == "llama":
+        if "num_key_value_heads" in spec.config:  # as many key/value heads as query heads, as the entry has
             overrides["num_key_value_heads"] = heads
     model = build_model(spec, tokenizer, seed, **overrides)
     save_base(model, tokenizer, out, template)
@@ -99,7 +98,7 @@ def prepare_tiny(
 # --- real base models: from the hub or a local copy -----------------------------------------------
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
-"""`--dtype` choices (chatkit.weights.DTYPES; named here so that --help does not import torch)."""
+"""`--dtype` choices (chatkit.convert.weights.DTYPES; named here so that --help does not import torch)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """A folder holds a tokenizer when it has one of these: fast (tokenizers), sentencepiece, byte-level BPE."""
 METADATA_PATTERNS = ("*.json", "*.model", "merges.txt")
@@ -266,7 +265,7 @@ def _save_tokenizer(src: Path, out: Path, spec: ModelSpec) -> None:
 
 def _write_base_weights(src: Path, out: Path, dtype: str | None, max_shard_size, progress: bool):
     """Stream the source's weights (safetensors or .bin) into safetensors shards; (tensors, dropped)."""
-    from chatkit.weights import DTYPES, hf_refs, write_weights
+    from chatkit.convert.weights import DTYPES, hf_refs, write_weights
 
     refs = hf_refs(src)
     dropped = tuple(r.name for r in refs if r.name.endswith(STALE_BUFFERS))
@@ -328,7 +327,7 @@ def prepare_base(
 
 
 def _shard_size(text: str) -> str:
-    from chatkit.weights import parse_size
+    from chatkit.convert.weights import parse_size
 
     try:
         parse_size(text)
@@ -381,7 +380,7 @@ def prepare_main(
     args = build_base_parser(spec, description).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from chatkit.weights import WeightsError
+    from chatkit.convert.weights import WeightsError
 
     try:
         done = prepare_base(

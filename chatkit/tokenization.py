@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chatkit.conversation import Message
-from chatkit.templates import ChatTemplate, Segment
+from chatkit.templates import Segment, Template
 
 IGNORE_INDEX = -100
 
@@ -34,7 +34,7 @@ def special_tokens(tokenizer) -> tuple[str, str]:
     return tokenizer.eos_token, tokenizer.bos_token or ""
 
 
-def add_template_tokens(tokenizer, template) -> int:
+def add_template_tokens(tokenizer, template: Template) -> int:
     """Give the tokenizer the template's marker tokens (e.g. ChatML's) as special tokens if it lacks them.
 
     A marker split into pieces would be learnt as several tokens and could be produced in part; as one
@@ -67,13 +67,13 @@ def encode_segments(tokenizer, segments: Sequence[Segment]) -> Encoded:
     return Encoded(list(enc["input_ids"]), labels)
 
 
-def encode_conversation(tokenizer, template: ChatTemplate, messages: Sequence[Message]) -> Encoded:
+def encode_conversation(tokenizer, template: Template, messages: Sequence[Message]) -> Encoded:
     """Token ids and labels for training on one conversation."""
     eos, bos = special_tokens(tokenizer)
     return encode_segments(tokenizer, template.segments(messages, eos, bos))
 
 
-def encode_prompt(tokenizer, template: ChatTemplate, messages: Sequence[Message]) -> list[int]:
+def encode_prompt(tokenizer, template: Template, messages: Sequence[Message]) -> list[int]:
     """Token ids of a chat prompt ending with the assistant's generation prompt."""
     eos, bos = special_tokens(tokenizer)
     return encode_segments(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +86,29 @@ def neox_tokenizer(shared_data: Path) -> PreTrainedTokenizerFast:
     if not file.is_file():
         pytest.skip(f"{file} not found")
     return PreTrainedTokenizerFast(tokenizer_file=str(file), eos_token=EOS, bos_token=EOS)
+
+
+@functools.cache
+def _local_bpe_json() -> str:
+    """A byte-level BPE (GPT-NeoX style: digits split, <|endoftext|>, <|padding|>) trained here on the
+    synthetic chat tasks and some prose: what the data tests use, so they never depend on ../shared."""
+    from chatkit.datasets.synthetic import make_splits
+    from chatkit.models import train_tokenizer
+    from chatkit.templates import get_template
+
+    tpl = get_template("openchatkit")
+    train, _ = make_splits(2000, 0)
+    texts = [tpl.render(c.messages, EOS, EOS) for c in train]
+    texts += ["How are you today? Fine, thanks: be brief.  Two  spaces,\ttabs and\nnew lines."] * 50
+    return train_tokenizer(texts, vocab_size=2000, extra_tokens=tpl.special_tokens).backend_tokenizer.to_str()
+
+
+@pytest.fixture
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A locally trained byte-level BPE tokenizer (2,000 pieces); a fresh instance per test."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_local_bpe_json()), eos_token=EOS, bos_token=EOS, pad_token=PAD
+    )
 
 
 # --- a real tiny model (random weights, locally trained BPE tokenizer) -----------------------------

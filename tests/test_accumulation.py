@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from chatkit.conversation import write_conversations
+from chatkit.convert.deepspeed import load_deepspeed_weights
 from chatkit.datasets.synthetic import make_splits
-from chatkit.export import load_deepspeed_weights
 from chatkit.pretrained import prepare_tiny
 
 REPO = Path(__file__).resolve().parents[1]

@@ -146,6 +146,7 @@ def two_turns(tiny_model_dir: Path) -> tuple[list[str], subprocess.CompletedProc
     return lines, run_bot(tiny_model_dir, lines)
 
 
+@pytest.mark.slow
 def test_bot_piped_two_lines_two_replies(two_turns, tiny_engine: ChatEngine):
     lines, proc = two_turns
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
@@ -176,6 +177,7 @@ def commands_run(tiny_model_dir: Path) -> tuple[list[str], subprocess.CompletedP
     return lines, run_bot(tiny_model_dir, lines, "--system", "Be brief.")
 
 
+@pytest.mark.slow
 def test_bot_commands_output_matches_in_process_shell(commands_run, tiny_engine: ChatEngine):
     lines, proc = commands_run
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
@@ -257,6 +259,7 @@ def _own_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+@pytest.mark.slow
 def test_bot_on_a_terminal(tiny_model_dir: Path, tiny_engine: ChatEngine):
     pty = pytest.importorskip("pty", reason="the pty module is unavailable on this platform")
     try:
@@ -504,6 +507,7 @@ def every_command(
     return lines, run_bot(tiny_model_dir, lines)
 
 
+@pytest.mark.slow
 def test_bot_piped_every_command(every_command, tiny_engine: ChatEngine):
     lines, proc = every_command
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
@@ -514,6 +518,7 @@ def test_bot_piped_every_command(every_command, tiny_engine: ChatEngine):
     assert "(no retrieval)\n" in out and out.endswith("Be kind.\n<bot>:\n")
 
 
+@pytest.mark.slow
 def test_bot_piped_ctrl_c_stops_the_reply(tiny_model_dir: Path, tmp_path: Path, tiny_engine: ChatEngine):
     save = tmp_path / "after.jsonl"
     cmd = [sys.executable, BOT, "--model", str(tiny_model_dir), "--no-sample", "--max-tokens", "480"]

@@ -484,3 +484,25 @@ def test_from_pretrained_reads_template_and_rejects_missing_meta(tiny_model_dir,
     engine = ChatEngine.from_pretrained(bare, template="openchatkit", device="cpu")
     assert engine.template is OCK
     assert next(engine.model.parameters()).dtype == torch.float32
+
+
+def test_token_sync_decides_every_token_and_when_to_stop(tiny_engine):
+    """Training samples under ZeRO-3 with token_sync = "take rank 0's token": whatever this process's
+    logits say, the reply is the synced tokens and ends where they end (here at eos), on every rank."""
+    from chatkit.chat import ChatEngine, GenerationParams
+    from chatkit.conversation import Message
+
+    tok = tiny_engine.tokenizer
+    script = iter([*tok.encode(" 12", add_special_tokens=False), tok.eos_token_id])
+    seen: list[int] = []
+
+    def rank0_token(mine: int) -> int:
+        seen.append(mine)
+        return next(script)
+
+    synced = ChatEngine(
+        tiny_engine.model, tok, tiny_engine.template, tiny_engine.device, token_sync=rank0_token
+    )
+    params = GenerationParams(max_new_tokens=20, sample=False)
+    assert synced.reply([Message("user", "What is 5 + 7?")], params) == "12"
+    assert len(seen) == len(tok.encode(" 12", add_special_tokens=False)) + 1  # stopped at the synced eos

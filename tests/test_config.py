@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from chatkit.config import ConfigError, TrainConfig, load_config, save_config
-from chatkit.trainer import lr_lambda, resolve_ds_config
+from chatkit.train.dsconfig import lr_lambda, resolve_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "config").glob("*.yaml"))

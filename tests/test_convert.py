@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from chatkit.conversation import write_conversations
+from chatkit.convert.hf import export_hf
+from chatkit.convert.lora import lora_merged_refs
+from chatkit.convert.weights import hf_refs, write_weights
 from chatkit.datasets.synthetic import make_splits
-from chatkit.export import export_hf
-from chatkit.lora_merge import lora_merged_refs
 from chatkit.pretrained import prepare_tiny
-from chatkit.weights import hf_refs, write_weights
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[5, 9, 14, 3, 27, 8, 2, 11], [40, 41, 42, 43, 44, 45, 46, 47]])
@@ -68,7 +68,7 @@ def _logits(model, ids=IDS) -> torch.Tensor:
 
 
 def _write_pipeline_checkpoint(model, base: Path, tag: Path) -> None:
-    from chatkit.pipeline import layer_specs
+    from chatkit.train.pipeline_model import layer_specs
 
     tag.mkdir(parents=True)
     for idx, spec in enumerate(layer_specs(model)):
@@ -225,7 +225,7 @@ def test_make_shards_keeps_the_input_unless_asked(bases, tmp_path):
 MEMORY_PROBE = """
 import sys
 from pathlib import Path
-from chatkit.weights import hf_refs, peak_rss_bytes, write_weights
+from chatkit.convert.weights import hf_refs, peak_rss_bytes, write_weights
 import torch
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
 before = peak_rss_bytes()
@@ -239,7 +239,7 @@ def test_streamed_rewrite_stays_under_one_and_a_half_shards(tmp_path):
     g = torch.Generator().manual_seed(0)
     state = {f"layers.{i}.w": torch.randn(1024, 2048, generator=g) for i in range(24)}  # 8 MB each
     refs = [(k, v) for k, v in state.items()]
-    from chatkit.weights import TensorRef
+    from chatkit.convert.weights import TensorRef
 
     write_weights(
         tmp_path / "in", [TensorRef(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in refs], "64MB"

@@ -79,7 +79,7 @@ def test_training_logs_every_step_and_checkpoints(run):
 def test_safe_zero3_merge_equals_deepspeed_zero_to_fp32(run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from chatkit.export import load_deepspeed_weights
+    from chatkit.convert.deepspeed import load_deepspeed_weights
 
     ours = load_deepspeed_weights(run / "run" / "checkpoints")
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(run / "run" / "checkpoints"))
@@ -92,7 +92,7 @@ def test_export_reloads_with_transformers_and_chats(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatkit.conversation import Message
-    from chatkit.export import load_deepspeed_weights
+    from chatkit.convert.deepspeed import load_deepspeed_weights
     from chatkit.tokenization import encode_prompt
 
     out = run / "hf"

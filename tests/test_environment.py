@@ -50,12 +50,12 @@ def test_peft_lora_trains_adapters_and_leaves_base_untouched(base_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from chatkit.models import get_model_spec
+    from chatkit.architectures import get_architecture
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=list(get_model_spec("tiny").lora_targets))
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=list(get_architecture("gpt_neox").lora_targets))
     )
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

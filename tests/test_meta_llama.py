@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatkit.meta_llama import compute_intermediate_size, convert_meta_llama, permute
-from chatkit.weights import WeightsError, hf_refs
+from chatkit.convert.meta_llama import compute_intermediate_size, convert_meta_llama, permute
+from chatkit.convert.weights import WeightsError, hf_refs
 
 REPO = Path(__file__).resolve().parents[1]
 DIM, LAYERS, HEADS = 64, 2, 4
@@ -357,8 +357,8 @@ def test_script_converts_and_reports_errors(meta_dirs, tmp_path):
 MEMORY_PROBE = """
 import sys
 from pathlib import Path
-from chatkit.meta_llama import convert_meta_llama
-from chatkit.weights import peak_rss_bytes
+from chatkit.convert.meta_llama import convert_meta_llama
+from chatkit.convert.weights import peak_rss_bytes
 
 warm, src, out = map(Path, sys.argv[1:])
 convert_meta_llama(warm, out.with_name("warm"))  # imports, tokenizer conversion: not what is measured

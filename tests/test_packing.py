@@ -92,7 +92,7 @@ def _tiny(arch: str, attn: str):
 
 
 def _loss_sum(model, batch):
-    from chatkit.trainer import token_loss_sum
+    from chatkit.train.loss import token_loss_sum
 
     mask = block_causal_mask(batch["segment_ids"], torch.float32)
     logits = model(
@@ -154,9 +154,9 @@ def _convs(n: int, seed: int = 0) -> list[list[Message]]:
     return [list(c.messages) for c in train]
 
 
-def test_ranks_get_disjoint_batches_covering_the_epoch(neox_tokenizer, tmp_path):
+def test_ranks_get_disjoint_batches_covering_the_epoch(bpe_tokenizer, tmp_path):
     ts = tokenize_file(
-        str(_write(tmp_path / "d.jsonl", _convs(64))), neox_tokenizer, OCK, 128, cache_dir=tmp_path
+        str(_write(tmp_path / "d.jsonl", _convs(64))), bpe_tokenizer, OCK, 128, cache_dir=tmp_path
     )
     assert len(ts) == 64
     seen = []
@@ -171,10 +171,10 @@ def test_ranks_get_disjoint_batches_covering_the_epoch(neox_tokenizer, tmp_path)
     )  # each once, no overlap
 
 
-def test_tokenize_file_multiprocess_equals_single_and_is_cached(neox_tokenizer, tmp_path):
+def test_tokenize_file_multiprocess_equals_single_and_is_cached(bpe_tokenizer, tmp_path):
     src = _write(tmp_path / "d.jsonl", _convs(1200))
-    one = tokenize_file(str(src), neox_tokenizer, OCK, 128, num_proc=1, cache_dir=tmp_path / "c1")
-    two = tokenize_file(str(src), neox_tokenizer, OCK, 128, num_proc=2, cache_dir=tmp_path / "c2")
+    one = tokenize_file(str(src), bpe_tokenizer, OCK, 128, num_proc=1, cache_dir=tmp_path / "c1")
+    two = tokenize_file(str(src), bpe_tokenizer, OCK, 128, num_proc=2, cache_dir=tmp_path / "c2")
     assert (
         (one.tokens == two.tokens).all()
         and (one.offsets == two.offsets).all()
@@ -182,42 +182,42 @@ def test_tokenize_file_multiprocess_equals_single_and_is_cached(neox_tokenizer, 
     )
     assert len(one) == 1200 and one.stats["ok"] == 1200
     first = _convs(1)[0]
-    assert one.example(0) == encode_conversation(neox_tokenizer, OCK, first)
+    assert one.example(0) == encode_conversation(bpe_tokenizer, OCK, first)
     entries = list((tmp_path / "c1").glob("*.npz"))
     assert len(entries) == 1
-    again = tokenize_file(str(src), neox_tokenizer, OCK, 128, cache_dir=tmp_path / "c1")
+    again = tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c1")
     assert (again.tokens == one.tokens).all() and len(list((tmp_path / "c1").glob("*.npz"))) == 1
     # a changed source, length or template makes a new cache entry
-    tokenize_file(str(src), neox_tokenizer, OCK, 64, cache_dir=tmp_path / "c1")
+    tokenize_file(str(src), bpe_tokenizer, OCK, 64, cache_dir=tmp_path / "c1")
     _write(src, _convs(10, seed=5))
-    tokenize_file(str(src), neox_tokenizer, OCK, 128, cache_dir=tmp_path / "c1")
+    tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c1")
     assert len(list((tmp_path / "c1").glob("*.npz"))) == 3
 
 
-def test_overlong_drop_or_truncate_by_whole_turns(neox_tokenizer):
+def test_overlong_drop_or_truncate_by_whole_turns(bpe_tokenizer):
     conv = [Message("user", "What is 1 + 1?"), Message("assistant", "2"),
             Message("user", "word " * 80), Message("assistant", "ok")]  # fmt: skip
-    full = len(encode_conversation(neox_tokenizer, OCK, conv).input_ids)
-    first = encode_conversation(neox_tokenizer, OCK, conv[:2])
-    assert fit_conversation(neox_tokenizer, OCK, conv, full, "drop")[1] == "ok"
-    assert fit_conversation(neox_tokenizer, OCK, conv, full - 1, "drop") == (None, "too_long")
-    enc, outcome = fit_conversation(neox_tokenizer, OCK, conv, full - 1, "truncate")
+    full = len(encode_conversation(bpe_tokenizer, OCK, conv).input_ids)
+    first = encode_conversation(bpe_tokenizer, OCK, conv[:2])
+    assert fit_conversation(bpe_tokenizer, OCK, conv, full, "drop")[1] == "ok"
+    assert fit_conversation(bpe_tokenizer, OCK, conv, full - 1, "drop") == (None, "too_long")
+    enc, outcome = fit_conversation(bpe_tokenizer, OCK, conv, full - 1, "truncate")
     assert outcome == "truncated" and enc == first
-    assert fit_conversation(neox_tokenizer, OCK, conv, len(first.input_ids) - 1, "truncate") == (
+    assert fit_conversation(bpe_tokenizer, OCK, conv, len(first.input_ids) - 1, "truncate") == (
         None,
         "too_long",
     )
     untrained = [Message("user", "hi"), Message("assistant", "yo", train=False)]
-    assert fit_conversation(neox_tokenizer, OCK, untrained, 100, "drop") == (None, "untrained")
+    assert fit_conversation(bpe_tokenizer, OCK, untrained, 100, "drop") == (None, "untrained")
 
 
-def test_tokenize_counts_every_outcome(neox_tokenizer, tmp_path):
+def test_tokenize_counts_every_outcome(bpe_tokenizer, tmp_path):
     convs = _convs(20) + [
         [Message("user", "x " * 300), Message("assistant", "y")],
         [Message("user", "hi"), Message("assistant", "  ")],
         [Message("user", "hi"), Message("assistant", "no", train=False)],
     ]
-    ts = tokenize_file(str(_write(tmp_path / "d.jsonl", convs)), neox_tokenizer, OCK, 100, cache_dir=tmp_path)
+    ts = tokenize_file(str(_write(tmp_path / "d.jsonl", convs)), bpe_tokenizer, OCK, 100, cache_dir=tmp_path)
     assert ts.stats == {"ok": 20, "truncated": 0, "too_long": 1, "untrained": 1, "empty_message": 1}
     assert len(ts) == 20
     from chatkit.data import describe
@@ -226,10 +226,10 @@ def test_tokenize_counts_every_outcome(neox_tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("procs", [1, 2])
-def test_bad_line_names_file_and_line_even_in_workers(neox_tokenizer, tmp_path, procs):
+def test_bad_line_names_file_and_line_even_in_workers(bpe_tokenizer, tmp_path, procs):
     src = _write(tmp_path / "d.jsonl", _convs(600))
     lines = src.read_text().splitlines()
     lines[550] = '{"messages": [{"role": "bot", "content": "x"}]}'
     src.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConversationError, match=r"d\.jsonl:551: messages\[0\]\.role"):
-        tokenize_file(str(src), neox_tokenizer, OCK, 128, num_proc=procs, cache_dir=tmp_path)
+        tokenize_file(str(src), bpe_tokenizer, OCK, 128, num_proc=procs, cache_dir=tmp_path)

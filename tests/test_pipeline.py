@@ -96,8 +96,8 @@ def _samples(out: Path) -> list[dict[str, str]]:
 def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_ds: str) -> None:
     from safetensors.torch import load_file
 
-    from chatkit.export import load_deepspeed_weights
-    from chatkit.pipeline import pipeline_state_to_hf
+    from chatkit.convert.deepspeed import load_deepspeed_weights
+    from chatkit.convert.pipeline import pipeline_state_to_hf
 
     common = [f"model={root / model}", *common]
     # Side by side: most of each run is start-up, which overlaps well even on 2 cores.
@@ -130,7 +130,7 @@ def _compare_with_plain_trainer(root: Path, model: str, common: list[str], pipe_
     # the stages export to one Hugging Face model with exactly those weights
     from transformers import AutoModelForCausalLM
 
-    from chatkit.export import export_hf
+    from chatkit.convert.hf import export_hf
 
     exported = AutoModelForCausalLM.from_pretrained(export_hf(pipe / "checkpoints", root / f"{model}-hf"))
     state = exported.state_dict()
@@ -154,8 +154,8 @@ def test_pipeline_layers_compute_the_hf_logits_on_packed_rows(root, model):
     from transformers import AutoModelForCausalLM
 
     from chatkit.data import block_causal_mask, collate_rows
-    from chatkit.pipeline import layer_specs
     from chatkit.tokenization import Encoded
+    from chatkit.train.pipeline_model import layer_specs
 
     hf = AutoModelForCausalLM.from_pretrained(root / model).eval()
     if model == "llama":  # the legacy rope_scaling key survived saving and loading
@@ -182,7 +182,8 @@ def test_pipeline_layers_compute_the_hf_logits_on_packed_rows(root, model):
 def test_hf_key_map_covers_every_weight(root, model):
     from transformers import AutoModelForCausalLM
 
-    from chatkit.pipeline import hf_key, layer_specs
+    from chatkit.convert.pipeline import hf_key
+    from chatkit.train.pipeline_model import layer_specs
 
     hf = AutoModelForCausalLM.from_pretrained(root / model)
     names = set()
@@ -212,7 +213,7 @@ def test_gpt_neox_packed_with_accumulation_matches_plain_trainer(root):
     assert any(reply for s in samples["pipe"] for reply in s.values())
 
     # killed with SIGKILL after step 3 (checkpoint at 2), resumed: the weights of the uninterrupted run
-    from chatkit.pipeline import pipeline_state_to_hf
+    from chatkit.convert.pipeline import pipeline_state_to_hf
 
     args = [f"model={root / 'neox'}", *common, "pipeline_stages=2", "deepspeed=pipeline", "save_every=2"]
     killed = _launch(root, "neox-killed", 2, args, env={"CHATKIT_FAULT": "step:3"})
@@ -223,6 +224,44 @@ def test_gpt_neox_packed_with_accumulation_matches_plain_trainer(root):
     a = pipeline_state_to_hf(root / "neox-pipe" / "checkpoints" / "step3")
     b = pipeline_state_to_hf(run / "checkpoints" / "step3")
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_gradient_checkpointing_turns_on_pipeline_activation_checkpointing():
+    from chatkit.config import TrainConfig
+    from chatkit.train.pipeline import checkpoint_interval
+
+    preset = {"pipeline": {"activation_checkpoint_interval": 0}}
+    assert checkpoint_interval(TrainConfig(gradient_checkpointing=False), preset) == 0
+    assert checkpoint_interval(TrainConfig(gradient_checkpointing=True), preset) == 1
+    assert (
+        checkpoint_interval(
+            TrainConfig(gradient_checkpointing=True), {"pipeline": {"activation_checkpoint_interval": 2}}
+        )
+        == 2
+    )
+    assert checkpoint_interval(TrainConfig(gradient_checkpointing=False), {}) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gradient_checkpointing_in_a_pipeline_run_keeps_the_losses(root):
+    """gradient_checkpointing=true reaches the pipeline engine (it logs the interval) and recomputing
+    activations changes no loss: the same run as the packed GPT-NeoX pipeline run above."""
+    common = [
+        f"model={root / 'neox'}", "pack=true", "gradient_accumulation_steps=2", f"val_files=[{root / 'val.jsonl'}]",
+        "eval_every=2", "pipeline_stages=2", "deepspeed=pipeline",
+    ]  # fmt: skip
+    plain = root / "neox-pipe"
+    if not (plain / "metrics.jsonl").is_file():  # this test run alone
+        plain = _wait(root, "neox-pipe-plain", _launch(root, "neox-pipe-plain", 2, common))
+    ckpt = _wait(
+        root, "neox-pipe-gc", _launch(root, "neox-pipe-gc", 2, [*common, "gradient_checkpointing=true"])
+    )
+    assert "activation checkpointing: every 1 pipeline layer(s)" in (root / "neox-pipe-gc.log").read_text()
+    assert "activation checkpointing" not in (root / f"{plain.name}.log").read_text()
+    lc, lp = _losses(ckpt), _losses(plain)
+    assert len(lc) == 3 and max(abs(a - b) for a, b in zip(lc, lp, strict=True)) < 1e-5, (lc, lp)
+    assert max(abs(a - b) for a, b in zip(_val_losses(ckpt), _val_losses(plain), strict=True)) < 1e-5
 
 
 @pytest.mark.slow
@@ -239,8 +278,8 @@ def test_llama_gqa_tied_unpacked_checkpointed_matches_plain_trainer(root):
 def test_two_stages_times_two_replicas_match_plain_data_parallel(root):
     """4 ranks = 2 pipeline stages x 2 data-parallel replicas against the plain trainer on 2 data-parallel
     ranks: the same rows per step on the same replicas, so the same losses, validation and weights."""
-    from chatkit.export import load_deepspeed_weights
-    from chatkit.pipeline import pipeline_state_to_hf
+    from chatkit.convert.deepspeed import load_deepspeed_weights
+    from chatkit.convert.pipeline import pipeline_state_to_hf
 
     common = [
         f"model={root / 'neox'}", "pack=true", f"val_files=[{root / 'val.jsonl'}]", "eval_every=2",

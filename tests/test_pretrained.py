@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatkit.convert.weights import DTYPES, hf_refs
 from chatkit.models import build_model, get_model_spec, list_models, spec_for_path
 from chatkit.pretrained import DTYPE_NAMES, PretrainedError, prepare_base, prepare_main
 from chatkit.templates import get_template
-from chatkit.weights import DTYPES, hf_refs
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = [name for name in list_models() if get_model_spec(name).hf_id]
@@ -336,6 +336,7 @@ def test_openchatkit_names_and_former_aliases():
     s = get_model_spec("open_llama_3b")
     assert (s.architecture, s.template, s.params) == ("llama", "alpaca", 3_426_473_600)
     assert s.config == dict(
-        hidden_size=3200, num_hidden_layers=26, intermediate_size=8640, max_position_embeddings=2048
-    )
+        hidden_size=3200, num_hidden_layers=26, intermediate_size=8640, max_position_embeddings=2048,
+        num_attention_heads=32, vocab_size=32000, tie_word_embeddings=False,
+    )  # fmt: skip
     assert set(DTYPE_NAMES) == set(DTYPES)

@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from chatkit import launch
+from chatkit.architectures import get_architecture
 from chatkit.config import load_config
-from chatkit.models import get_model_spec, lora_params, nominal_params, spec_for_path
-from chatkit.plan import memory_per_gpu
+from chatkit.models import get_model_spec, spec_for_path
+from chatkit.plan import memory_per_gpu, nominal_params
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = sorted(p.name for p in (REPO / "training").glob("finetune_*.sh"))
@@ -76,6 +77,7 @@ def test_recipe_validates_and_names_a_registered_model(recipe: str):
 
 
 @pytest.mark.parametrize("script", LAUNCHERS)
+@pytest.mark.slow
 def test_launcher_dry_run_prints_config_plan_and_command(script: str):
     proc = sh(script, "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -89,6 +91,7 @@ def test_launcher_dry_run_prints_config_plan_and_command(script: str):
 
 
 @pytest.mark.parametrize("script", [s for s in LAUNCHERS if s != "finetune_demo.sh"])
+@pytest.mark.slow
 def test_launcher_tiny_dry_run(script: str):
     proc = sh(script, "--tiny", "--dry-run", "--num-gpus", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -173,7 +176,8 @@ def test_memory_formula():
 
 
 def test_registry_sizes():
-    assert lora_params(get_model_spec("Llama-2-13b-chat-hf"), 8, ["q_proj", "v_proj"]) == 6_553_600
+    spec = get_model_spec("Llama-2-13b-chat-hf")
+    assert get_architecture("llama").lora_params(spec.config, 8, ["q_proj", "v_proj"]) == 6_553_600
     assert nominal_params(get_model_spec("tiny")) == pytest.approx(1.05e6, rel=0.05)
     assert spec_for_path("EleutherAI/gpt-neox-20b").name == "GPT-NeoX-20B"
     assert spec_for_path("somewhere/else/model") is None

@@ -146,6 +146,7 @@ def test_retriever_finds_passage_and_context_message_carries_it(minilm_index: Pa
     assert "score" in describe_passages(passages)
 
 
+@pytest.mark.slow
 def test_search_script_prints_passages(minilm_index: Path):
     proc = subprocess.run(
         [sys.executable, "retrieval/search.py", "--index", str(minilm_index), "-k", "2", "lava from volcanoes"],
@@ -374,6 +375,7 @@ def test_shell_puts_the_retrieved_passage_into_the_turns_prompt_only(minilm_inde
     assert all("Limmat" not in m.content for m in shell.history)  # context for that turn only, not history
 
 
+@pytest.mark.slow
 def test_bot_retrieval_flag_and_context_command(minilm_index: Path, tiny_model_dir: Path):
     r = subprocess.run(
         [sys.executable, "inference/bot.py", "--model", str(tiny_model_dir), "--no-sample", "--max-tokens", "4",

@@ -213,3 +213,38 @@ def test_engine_cancel_stops_generation(tiny_engine: ChatEngine):
         pieces.append(piece)
         cancel.set()
     assert info.finish_reason == "cancelled" and info.completion_tokens < 200
+
+
+def test_every_api_route_requires_the_key_and_bad_keys_are_401(tiny_engine: ChatEngine):
+    """The key is a dependency of the /v1 router: a route added there cannot forget it."""
+    from fastapi.routing import APIRoute
+    from fastapi.testclient import TestClient
+
+    from chatkit.serve import ServerConfig, create_app
+    from chatkit.serve.routes import api as v1
+
+    app = create_app(tiny_engine, ServerConfig("tiny", GREEDY, api_key="k"))
+    api = [(m, r.path) for r in v1.routes if isinstance(r, APIRoute) for m in r.methods]
+    assert {p for _, p in api} == {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+    with TestClient(app) as c:
+        for method, path in api:
+            for auth in (None, b"Bearer wrong", b"Basic k", "Bearer \xe9t\xe9".encode("latin-1")):
+                r = c.request(method, path, headers={"Authorization": auth} if auth else {}, content=b"{}")
+                assert r.status_code == 401, (method, path, auth, r.text)
+                assert r.json()["error"]["type"] == "authentication_error"
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200  # open
+
+
+def test_a_chat_too_long_is_refused_with_the_code_the_page_reads(served, tiny_engine: ChatEngine):
+    """The server measures the prompt with the engine and refuses, never trims: the page drops turns."""
+    long = "word " * 200
+    texts = (long, "ok", long, "ok", "hi")
+    assert tiny_engine.prompt_length(msgs(*texts)) + N > tiny_engine.context_length
+    headers = {"Authorization": f"Bearer {served.key}"}
+    body = {"messages": chat(*texts), "max_tokens": N}
+    r = httpx.post(served.url + "/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    fits = {"messages": chat("hi"), "max_tokens": N}
+    r = httpx.post(served.url + "/v1/chat/completions", json=fits, headers=headers, timeout=60)
+    assert r.json()["usage"]["prompt_tokens"] == tiny_engine.prompt_length(msgs("hi"))
+    assert tiny_engine.prompt_length(msgs("hi")) == len(tiny_engine.prompt_ids(msgs("hi"), N))

@@ -12,9 +12,9 @@ from transformers import PreTrainedTokenizerFast
 
 from chatkit import templates
 from chatkit.conversation import Message
-from chatkit.template_hf import HFChatTemplate
 from chatkit.templates import (
     ChatTemplate,
+    HFChatTemplate,
     Segment,
     alpaca_messages,
     get_template,

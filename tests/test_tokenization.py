@@ -179,7 +179,10 @@ def test_neox_known_ids(neox_tokenizer):
     ],
     ids=["user-trailing-newline", "user-trailing-space", "system-trailing-newline"],
 )
-def test_training_tokens_equal_whole_string_with_trailing_whitespace(neox_tokenizer, msgs):
-    eos, bos = special_tokens(neox_tokenizer)
-    enc = encode_conversation(neox_tokenizer, OCK, msgs)
-    assert enc.input_ids == neox_tokenizer.encode(OCK.render(msgs, eos, bos), add_special_tokens=False)
+@pytest.mark.parametrize("which", ["local", "neox"])
+def test_training_tokens_equal_whole_string_with_trailing_whitespace(which, msgs, request):
+    """On the locally trained BPE always; on GPT-NeoX-20B's when ../shared has it."""
+    tok = request.getfixturevalue("bpe_tokenizer" if which == "local" else "neox_tokenizer")
+    eos, bos = special_tokens(tok)
+    enc = encode_conversation(tok, OCK, msgs)
+    assert enc.input_ids == tok.encode(OCK.render(msgs, eos, bos), add_special_tokens=False)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from chatkit.weight_diff import (
+from chatkit.convert.weight_diff import (
     CHECKSUM_FILE,
     DIFF_INFO,
     FIXUPS_FILE,
@@ -26,7 +26,7 @@ from chatkit.weight_diff import (
     recover,
     verify,
 )
-from chatkit.weights import WeightsError, hf_refs, weights_sha256
+from chatkit.convert.weights import WeightsError, hf_refs, weights_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,8 +285,8 @@ def test_cli_make_diff_recover_and_wrong_base(models, tmp_path):
 
 MEMORY_SCRIPT = """
 import sys, torch
-from chatkit.weights import TensorRef, peak_rss_bytes, write_weights
-from chatkit.weight_diff import make_diff, recover
+from chatkit.convert.weights import TensorRef, peak_rss_bytes, write_weights
+from chatkit.convert.weight_diff import make_diff, recover
 root, n, numel = sys.argv[1], 32, 2**19  # 32 fp32 tensors of 2 MB: 64 MB per model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from chatkit.weights import (
+from chatkit.convert.weights import (
     TensorRef,
     WeightsError,
     hf_refs,

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chatkit.meta_llama import convert_meta_llama
-from chatkit.weights import WeightsError
+from chatkit.convert.meta_llama import convert_meta_llama
+from chatkit.convert.weights import WeightsError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ generation_config.json with the tokenizer's eos. tools/convert_to_hf_gptneox.py 
 tools/convert_to_hf_llama.py are the same tool that also checks the architecture.
 """
 
-from chatkit.export import convert_main
+from chatkit.convert.hf import convert_main
 
 if __name__ == "__main__":
     convert_main(None, None, __doc__)

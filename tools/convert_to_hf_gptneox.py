@@ -8,7 +8,7 @@ the per-layer files of any number of pipeline stages, ZeRO partitions or LoRA ad
 tools/convert_to_hf.py) and refuses a checkpoint that is not GPT-NeoX.
 """
 
-from chatkit.export import convert_main
+from chatkit.convert.hf import convert_main
 
 if __name__ == "__main__":
     convert_main(None, "gpt_neox", __doc__)

@@ -7,7 +7,7 @@ needed), QLoRA adapters are merged into the full-precision base (--base if it mo
 too. Same tool as tools/convert_to_hf.py, refusing a checkpoint that is not Llama.
 """
 
-from chatkit.export import convert_main
+from chatkit.convert.hf import convert_main
 
 if __name__ == "__main__":
     convert_main(None, "llama", __doc__)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chatkit.weight_diff import make_diff, recover, verify
-from chatkit.weights import WeightsError
+from chatkit.convert.weight_diff import make_diff, recover, verify
+from chatkit.convert.weights import WeightsError
 
 
 def _parser() -> argparse.ArgumentParser:

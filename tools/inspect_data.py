@@ -11,9 +11,9 @@ import sys
 
 from transformers import AutoTokenizer
 
-from chatkit.inspect import inspect_file
+from chatkit.inspection import inspect_file
+from chatkit.io import read_meta
 from chatkit.templates import get_template
-from chatkit.trainer_meta import read_meta
 
 
 def main() -> None:

@@ -13,8 +13,15 @@ import shutil
 import sys
 from pathlib import Path
 
+from chatkit.convert.weights import (
+    DTYPES,
+    WeightsError,
+    copy_aux_files,
+    hf_refs,
+    weights_sha256,
+    write_weights,
+)
 from chatkit.io import atomic_dir, check_apart
-from chatkit.weights import DTYPES, WeightsError, copy_aux_files, hf_refs, weights_sha256, write_weights
 
 
 def main() -> None:

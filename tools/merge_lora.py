@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from chatkit.convert.lora import lora_merged_refs
+from chatkit.convert.weights import DTYPES, WeightsError, copy_aux_files, hf_refs, write_weights
 from chatkit.io import atomic_dir, check_apart
-from chatkit.lora_merge import lora_merged_refs
-from chatkit.weights import DTYPES, WeightsError, copy_aux_files, hf_refs, write_weights
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -11,7 +11,8 @@ import sys
 import warnings
 
 from chatkit.config import ConfigError, load_config
-from chatkit.trainer import shutdown_distributed, train
+from chatkit.train.distributed import shutdown_distributed
+from chatkit.train.run import train
 
 # torch's gloo path warns on every collective DeepSpeed makes; the message is not actionable here.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

@@ -9,7 +9,8 @@ are used. The weights are random (seeded): the model learns everything during fi
 
 import argparse
 
-from chatkit.pretrained import TINY_BY_ARCH, prepare_tiny
+from chatkit.architectures import ARCHITECTURES
+from chatkit.pretrained import prepare_tiny
 
 
 def main() -> None:
@@ -23,13 +24,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--arch",
-        choices=sorted(TINY_BY_ARCH),
+        choices=sorted(ARCHITECTURES),
         default="gpt_neox",
         help="architecture (same tokenizer either way)",
     )
     p.add_argument("--out", help="output Hugging Face folder (default: pretrained/tiny[-llama]/model)")
     args = p.parse_args()
-    out = args.out or f"pretrained/{TINY_BY_ARCH[args.arch]}/model"
+    out = args.out or f"pretrained/{ARCHITECTURES[args.arch].tiny}/model"
     n = prepare_tiny(
         args.corpus,
         out,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from chatkit.weights import TensorRef, WeightsError, safetensors_refs
+from chatkit.convert.weights import TensorRef, WeightsError, safetensors_refs
 
 PREFIX = "base_model.model."
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from chatkit.convert.weights import DTYPES, TensorRef, WeightsError, torch_load_safe, write_weights
 from chatkit.io import atomic_dir, check_apart, write_json
-from chatkit.weights import DTYPES, TensorRef, WeightsError, torch_load_safe, write_weights
 
 PARAMS_FILE = "params.json"
 TOKENIZER_FILE = "tokenizer.model"

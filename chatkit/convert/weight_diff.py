@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from chatkit.io import atomic_dir, check_apart, write_json
-from chatkit.weights import (
+from chatkit.convert.weights import (
     BIN_INDEX,
     CODE_DTYPES,
     DTYPE_CODES,
@@ -49,6 +48,7 @@ from chatkit.weights import (
     write_safetensors,
     write_weights,
 )
+from chatkit.io import atomic_dir, check_apart, write_json
 
 DIFF_INFO = "diff_info.json"
 FIXUPS_FILE = "diff_fixups.safetensors"

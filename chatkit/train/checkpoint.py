@@ -18,6 +18,7 @@ import torch
 from loguru import logger
 
 from chatkit.config import TrainConfig, save_config
+from chatkit.convert.safe import load_weights_only
 from chatkit.io import atomic_open, write_json
 
 STEP_DIR = re.compile(r"^step(\d+)$")
@@ -124,22 +125,6 @@ def prune(root: Path, keep: int) -> None:
         if path.name != latest:
             shutil.rmtree(path)
             logger.info(f"removed old checkpoint {path} (keep_checkpoints={keep})")
-
-
-def deepspeed_safe_globals() -> list[Any]:
-    """The only non-tensor classes DeepSpeed pickles into its checkpoints (the ZeRO stage, fp16 loss
-    scalers, ZeRO-1/2 parameter slices), allow-listed for `torch.load(weights_only=True)`."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-def load_weights_only(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """Read a DeepSpeed checkpoint file without running any code from it."""
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 # bitsandbytes saves a quantized weight's state next to it (4-bit: absmax, quant_map, ...; 8-bit: SCB,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatkit.conversation import Message
-from chatkit.templates import HF_TEMPLATE, Segment
+from chatkit.templates.base import HF_TEMPLATE, Segment
 
 
 def _appended(before: str, after: str, what: str) -> str:
@@ -30,7 +30,7 @@ def _appended(before: str, after: str, what: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class HFChatTemplate:
-    """Same interface as `ChatTemplate`, rendering with `tokenizer.apply_chat_template`."""
+    """A `Template` rendering with `tokenizer.apply_chat_template` (the registry's `hf`)."""
 
     tokenizer: Any
     """A Hugging Face tokenizer whose `chat_template` defines the format."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from chatkit.convert.safe import torch_load_safe
+
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec)
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -149,14 +151,6 @@ class OneFileCache:
 
     def clear(self) -> None:
         self.path, self.state = None, None
-
-
-def torch_load_safe(path: Path) -> dict:
-    """A pickled state dict, read with `weights_only=True` (no code from the file runs) and mmap."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be mmapped
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def torch_file_refs(path: str | Path, cache: OneFileCache | None = None) -> list[TensorRef]:

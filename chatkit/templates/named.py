@@ -1,13 +1,13 @@
-"""Chat templates: one definition each, from which both the training renderer and the exported
-Hugging Face Jinja `chat_template` are generated, so training and inference cannot drift apart.
+"""chatkit's own chat templates: one definition each, from which both the training renderer and the
+exported Hugging Face Jinja `chat_template` are generated, so training and inference cannot drift apart.
 
 A template is a set of pieces. `{content}` marks where a message's text goes; `{eos}` and `{bos}` stand
 for the tokenizer's special tokens (Jinja's `eos_token`/`bos_token`). Rendering yields *segments*,
 each flagged trained or not, so labels are built per message at tokenization time instead of by
 searching the rendered string for markers.
 
-Besides the named templates there is `hf`: the base tokenizer's own `chat_template`
-(`get_template("hf", tokenizer)`, see chatkit/template_hf.py).
+Each template below cites the origin whose text it reproduces; `chatkit.templates` registers them all
+(`NAMED_TEMPLATES`) under their names.
 """
 
 from __future__ import annotations
@@ -15,27 +15,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from chatkit.conversation import Message
-
-if TYPE_CHECKING:
-    from chatkit.template_hf import HFChatTemplate
+from chatkit.templates.base import Segment
 
 _PLACEHOLDERS = {"{eos}": "eos_token", "{bos}": "bos_token"}
 _CONTENT = "message['content']"
-HF_TEMPLATE = "hf"
-"""Registry name of the tokenizer's own chat template; needs a tokenizer, so it is never registered."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    text: str
-    trained: bool
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    """A template defined by its pieces (a `Template`); renders as the pieces say, and as Jinja."""
+
     name: str
     """Registry name, stored in every exported model folder."""
     system: str = "{content}\n"
@@ -187,52 +178,18 @@ def _jinja_piece(piece: str, content: str = _CONTENT) -> str:
     return " ~ ".join(exprs) if exprs else '""'
 
 
-_REGISTRY: dict[str, ChatTemplate] = {}
-
-
-def register_template(template: ChatTemplate) -> ChatTemplate:
-    if template.name == HF_TEMPLATE:
-        raise ValueError(f"chat template name {HF_TEMPLATE!r} is reserved for the tokenizer's own template")
-    if template.name in _REGISTRY:
-        raise ValueError(f"chat template {template.name!r} is already registered")
-    _REGISTRY[template.name] = template
-    return template
-
-
-def get_template(name: str, tokenizer=None) -> ChatTemplate | HFChatTemplate:
-    """A registered template by name; `hf` wraps `tokenizer`'s own chat_template (and needs it)."""
-    if name == HF_TEMPLATE:
-        from chatkit.template_hf import HFChatTemplate
-
-        if tokenizer is None:
-            raise ValueError(
-                "chat template 'hf' is the base tokenizer's own chat_template: pass the tokenizer"
-            )
-        return HFChatTemplate(tokenizer)
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown chat template {name!r}; known: {', '.join(list_templates())}") from None
-
-
-def list_templates() -> list[str]:
-    return sorted([*_REGISTRY, HF_TEMPLATE])
-
-
 # OpenChatKit (Together): "<human>: ...\n<bot>: ...\n". Replies end with the eos token, which is
 # trained; "<human>:" stays a stop string, as OpenChatKit's bot.py used it, for base models that
 # run on into a fake next turn.
-register_template(
-    ChatTemplate(
-        name="openchatkit",
-        system="{content}\n",
-        user="<human>: {content}\n",
-        assistant_prefix="<bot>:",
-        assistant=" {content}{eos}",
-        separator="\n",
-        stop_strings=("<human>:",),
-        description="OpenChatKit's <human>:/<bot>: format",
-    )
+OPENCHATKIT = ChatTemplate(
+    name="openchatkit",
+    system="{content}\n",
+    user="<human>: {content}\n",
+    assistant_prefix="<bot>:",
+    assistant=" {content}{eos}",
+    separator="\n",
+    stop_strings=("<human>:",),
+    description="OpenChatKit's <human>:/<bot>: format",
 )
 
 # OpenAlpaca, as released 2023-05-27 (yxuansu/OpenAlpaca datasets/sft_dataset.py PROMPT_DICT and
@@ -245,21 +202,19 @@ ALPACA_INPUT_PREAMBLE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
 )
-register_template(
-    ChatTemplate(
-        name="alpaca",
-        bos="{bos}",
-        system="{content}\n\n",
-        user="### Instruction:\n{content}\n\n",
-        assistant_prefix="### Response:",
-        assistant=" {content}{eos}",
-        # Multi-turn (not in the origin): each next instruction follows the reply after a blank
-        # line, the blank line that separates every section of the prompt.
-        separator="\n\n",
-        stop_strings=("### Instruction:",),
-        default_system=ALPACA_PREAMBLE,
-        description="OpenAlpaca / Stanford Alpaca ### Instruction: / ### Response: prompt",
-    )
+ALPACA = ChatTemplate(
+    name="alpaca",
+    bos="{bos}",
+    system="{content}\n\n",
+    user="### Instruction:\n{content}\n\n",
+    assistant_prefix="### Response:",
+    assistant=" {content}{eos}",
+    # Multi-turn (not in the origin): each next instruction follows the reply after a blank
+    # line, the blank line that separates every section of the prompt.
+    separator="\n\n",
+    stop_strings=("### Instruction:",),
+    default_system=ALPACA_PREAMBLE,
+    description="OpenAlpaca / Stanford Alpaca ### Instruction: / ### Response: prompt",
 )
 
 
@@ -282,17 +237,15 @@ def alpaca_messages(instruction: str, input: str, output: str) -> list[Message]:
 # chat_prepend_text="BEGINNING OF CONVERSATION: ", chat_user_prefix="USER: ", chat_user_suffix=" ",
 # chat_lm_prefix="GPT:", chat_lm_suffix="</s>"; FastChat's koala_v1 renders the same text with
 # "GPT: {reply}". Koala has no system prompt; one given goes after the header.
-register_template(
-    ChatTemplate(
-        name="koala",
-        bos="{bos}BEGINNING OF CONVERSATION: ",
-        system="{content} ",
-        user="USER: {content} ",
-        assistant_prefix="GPT:",
-        assistant=" {content}{eos}",
-        stop_strings=("USER:",),
-        description="Koala (EasyLM): BEGINNING OF CONVERSATION: USER: ... GPT: ...</s>",
-    )
+KOALA = ChatTemplate(
+    name="koala",
+    bos="{bos}BEGINNING OF CONVERSATION: ",
+    system="{content} ",
+    user="USER: {content} ",
+    assistant_prefix="GPT:",
+    assistant=" {content}{eos}",
+    stop_strings=("USER:",),
+    description="Koala (EasyLM): BEGINNING OF CONVERSATION: USER: ... GPT: ...</s>",
 )
 
 # Llama 2 chat (meta-llama/llama llama/generation.py chat_completion): each exchange is
@@ -301,17 +254,15 @@ register_template(
 # Hugging Face's meta-llama/Llama-2-*-chat-hf chat_template renders the same text. Meta strips the
 # joined first turn; we strip each message (the text differs only when the system message or the
 # first user message has surrounding whitespace).
-register_template(
-    ChatTemplate(
-        name="llama2",
-        system="{bos}[INST] <<SYS>>\n{content}\n<</SYS>>\n\n",
-        user_after_system="{content} [/INST]",
-        user="{bos}[INST] {content} [/INST]",
-        assistant=" {content} {eos}",
-        strip_content=True,
-        stop_strings=("[INST]",),
-        description="Meta's Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s>",
-    )
+LLAMA2 = ChatTemplate(
+    name="llama2",
+    system="{bos}[INST] <<SYS>>\n{content}\n<</SYS>>\n\n",
+    user_after_system="{content} [/INST]",
+    user="{bos}[INST] {content} [/INST]",
+    assistant=" {content} {eos}",
+    strip_content=True,
+    stop_strings=("[INST]",),
+    description="Meta's Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s>",
 )
 
 # Vicuna v1.1 (lm-sys/FastChat fastchat/conversation.py "vicuna_v1.1", SeparatorStyle.ADD_COLON_TWO,
@@ -320,33 +271,33 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-register_template(
-    ChatTemplate(
-        name="vicuna",
-        bos="{bos}",
-        system="{content} ",
-        user="USER: {content} ",
-        assistant_prefix="ASSISTANT:",
-        assistant=" {content}{eos}",
-        stop_strings=("USER:",),
-        default_system=VICUNA_SYSTEM,
-        description="FastChat vicuna_v1.1: {system} USER: ... ASSISTANT: ...</s>",
-    )
+VICUNA = ChatTemplate(
+    name="vicuna",
+    bos="{bos}",
+    system="{content} ",
+    user="USER: {content} ",
+    assistant_prefix="ASSISTANT:",
+    assistant=" {content}{eos}",
+    stop_strings=("USER:",),
+    default_system=VICUNA_SYSTEM,
+    description="FastChat vicuna_v1.1: {system} USER: ... ASSISTANT: ...</s>",
 )
 
 # ChatML v0 (openai/openai-python chatml.md): "<|im_start|>{role}\n{content}<|im_end|>\n". The
 # generation prompt "<|im_start|>assistant\n" is the one Hugging Face ChatML templates use. The
 # reply's end is <|im_end|> (trained, and a stop string), not the tokenizer's eos.
-register_template(
-    ChatTemplate(
-        name="chatml",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n",
-        assistant_prefix="<|im_start|>assistant\n",
-        assistant="{content}<|im_end|>",
-        separator="\n",
-        stop_strings=("<|im_end|>",),
-        special_tokens=("<|im_start|>", "<|im_end|>"),
-        description="OpenAI's ChatML: <|im_start|>role\\n...<|im_end|>",
-    )
+CHATML = ChatTemplate(
+    name="chatml",
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>",
+    separator="\n",
+    stop_strings=("<|im_end|>",),
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+    description="OpenAI's ChatML: <|im_start|>role\\n...<|im_end|>",
 )
+
+
+NAMED_TEMPLATES: tuple[ChatTemplate, ...] = (OPENCHATKIT, ALPACA, KOALA, LLAMA2, VICUNA, CHATML)
+"""Every named template, in registration order."""

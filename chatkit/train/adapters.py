@@ -12,13 +12,9 @@ from typing import Any
 import torch
 from loguru import logger
 
+from chatkit.architectures import resolve_lora_targets
 from chatkit.config import TrainConfig
 
-# LoRA targets by architecture: every linear layer of the attention and MLP blocks.
-LORA_TARGETS = {
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -57,7 +53,7 @@ def apply_adapters(model, cfg: TrainConfig):
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 
-        targets = cfg.lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
+        targets = resolve_lora_targets(cfg, model.config.model_type)
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
             task_type="CAUSAL_LM",

@@ -1,0 +1,41 @@
+"""`create_app`: one engine's server, assembled from the module-level routers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from chatkit.chat import ChatEngine
+from chatkit.serve.protocol import ApiError
+from chatkit.serve.routes import api, site
+from chatkit.serve.state import ServerConfig, ServerState
+from chatkit.serve.worker import Worker
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At shutdown, let the generation thread end once its queued jobs are done."""
+    yield
+    app.state.chatkit.worker.close()
+
+
+async def _api_error(_: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, ApiError)
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(engine: ChatEngine, config: ServerConfig) -> FastAPI:
+    """The web page and the OpenAI-compatible API for `engine`; its generation thread starts now."""
+    app = FastAPI(title="chatkit", docs_url=None, redoc_url=None, lifespan=_lifespan)
+    page = resources.files("chatkit.web").joinpath("index.html").read_text(encoding="utf-8")
+    state = ServerState(engine, config, Worker(config.max_queue), page)
+    app.state.chatkit = state
+    app.state.worker = state.worker
+    app.add_exception_handler(ApiError, _api_error)
+    app.include_router(api)
+    app.include_router(site)
+    return app

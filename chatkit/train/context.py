@@ -1,0 +1,54 @@
+"""The run context: what every part of a training run needs to know, built once at start-up.
+
+One object instead of the eight to ten arguments (config, rank, world, device, tokenizer, template,
+output folder, ...) that would otherwise be passed from function to function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatkit.config import TrainConfig
+from chatkit.templates import get_template
+from chatkit.tokenization import add_template_tokens, padding_id
+from chatkit.train.method import Method, get_method
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Any
+    template: Any
+    added_tokens: int
+    """Marker tokens the template added to the tokenizer: the embeddings grow by as many."""
+    method: Method
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that logs and writes the run's files."""
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def pad_id(self) -> int:
+        return padding_id(self.tokenizer)
+
+
+def make_run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
+    """Tokenizer and template as training and chat will both use them (template tokens added)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    template = get_template(cfg.template, tokenizer)
+    added = add_template_tokens(tokenizer, template)
+    return Run(cfg, rank, world, device, tokenizer, template, added, get_method("sft"))

@@ -1,0 +1,53 @@
+"""What the training loop asks of an engine (chatkit.train.loop.fit), and nothing more.
+
+Two engines implement it: ZeRO (chatkit.train.zero: the model replicated or partitioned over data
+parallel ranks) and pipeline (chatkit.train.pipeline: the layers split into stages, times data
+parallel replicas). Every method is called by every rank together: most are collectives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from chatkit.data import TokenizedSet
+
+Batch = dict[str, torch.Tensor]
+
+
+class Engine(Protocol):
+    dp_rank: int
+    """This rank's data-parallel replica: which shard of the batch stream it reads."""
+    dp_world: int
+    """Data-parallel replicas: ranks that see different rows in one step."""
+
+    def setup(self, total_steps: int) -> None:
+        """Load the model and wrap it with DeepSpeed; the schedule runs over `total_steps`."""
+
+    def describe(self) -> tuple[str, int]:
+        """The layout for the start-up line (`2 rank(s)`, `4 rank(s) = 2 pipeline stages x 2 ...`)
+        and the model's parameter count."""
+
+    def dp_sum(self, values: list[float]) -> list[float]:
+        """Sum over the data-parallel replicas, on the engine's device."""
+
+    def train_step(self, micro: list[Batch], count: float) -> float:
+        """One optimizer step over this replica's micro-batches; `count` is the trained-token count of
+        the whole step (all replicas). Returns the step's loss per trained token, the same on all ranks."""
+
+    def evaluate(self, val_sets: list[TokenizedSet]) -> float:
+        """Validation loss per trained token over every replica's shard, the same on all ranks."""
+
+    def sample(self, prompts: list[str]) -> list[str]:
+        """Greedy replies to `prompts`, the same on all ranks (which stop together)."""
+
+    def save(self, step: int, epoch: int) -> Path:
+        """Write checkpoint `stepN` atomically (chatkit.train.checkpoint); returns its folder."""
+
+    def resume(self, root: Path, tag: str) -> int:
+        """Restore checkpoint `root/tag` (weights, optimizer, schedule, random state); returns its step."""
+
+    def lr(self) -> float:
+        """The learning rate of the last step."""

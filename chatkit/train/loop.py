@@ -1,0 +1,121 @@
+"""The training loop: one function, `fit`, for every engine and every training method.
+
+It reads top to bottom: resume, announce the run, then per step draw the micro-batches, count what
+the loss is normalised by (over all replicas), step the engine, log, evaluate and checkpoint when due;
+at the end evaluate, save and write the final metrics. Engines (chatkit.train.engine) hide how a
+step runs; methods (chatkit.train.method) hide what the loss is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from loguru import logger
+from tqdm import tqdm
+
+from chatkit.config import save_config
+from chatkit.data import Batches, TokenizedSet
+from chatkit.io import write_json
+from chatkit.train import checkpoint
+from chatkit.train.context import Run
+from chatkit.train.engine import Batch, Engine
+from chatkit.train.loss import real_tokens
+from chatkit.train.monitor import Monitor
+
+
+def total_steps(run: Run, batches: Batches) -> tuple[int, int]:
+    """(optimizer steps of the run, steps per epoch): max_steps, or epochs over the data."""
+    cfg = run.cfg
+    per_epoch = batches.steps_per_epoch(cfg.gradient_accumulation_steps)
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch)), per_epoch
+
+
+def resume(run: Run, engine: Engine) -> int:
+    """The step to continue after: the checkpoint's (resume=auto or a path), else 0."""
+    found = checkpoint.find_resume(run.cfg)
+    if not found:
+        return 0
+    start = engine.resume(*found)
+    if run.main:
+        logger.info(f"resumed from {found[0] / found[1]} at step {start}")
+    return start
+
+
+def announce(run: Run, engine: Engine, batches: Batches, steps: int) -> None:
+    """Save the resolved config and log what this run is, in one line (rank 0)."""
+    if not run.main:
+        return
+    cfg = run.cfg
+    save_config(cfg, run.out / "train_config.yaml")
+    layout, n_params = engine.describe()
+    rows = cfg.micro_batch_size * engine.dp_world * cfg.gradient_accumulation_steps
+    logger.info(
+        f"{sum(len(t) for t in batches.sets)} conversations, {'packed ' if cfg.pack else ''}rows of "
+        f"{cfg.max_length}, {layout}, {rows} rows per step, {steps} steps, {n_params:,} parameters, "
+        f"deepspeed={cfg.deepspeed}, {cfg.precision}"
+    )
+
+
+def evaluate(
+    run: Run, engine: Engine, val_sets: list[TokenizedSet], step: int, monitor: Monitor
+) -> dict[str, float]:
+    """Validation loss and perplexity, and sample replies to the recipe's eval_prompts, logged."""
+    row: dict[str, float] = {}
+    if val_sets:
+        val_loss = engine.evaluate(val_sets)
+        row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if run.main:
+            logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")
+    if run.cfg.eval_prompts:
+        replies = engine.sample(run.cfg.eval_prompts)
+        if run.main:
+            for prompt, reply in zip(run.cfg.eval_prompts, replies, strict=True):
+                logger.info(f"sample step {step} | {prompt!r} -> {reply!r}")
+            monitor.write({"step": step, "samples": dict(zip(run.cfg.eval_prompts, replies, strict=True))})
+    if row:
+        monitor.write({"step": step, **row})
+    return row
+
+
+def draw(stream: Iterator[tuple[int, Batch]], accumulation: int) -> tuple[int, list[Batch]]:
+    """The step's micro-batches and the epoch the last of them belongs to."""
+    micro = [next(stream) for _ in range(accumulation)]
+    return micro[-1][0], [b for _, b in micro]
+
+
+def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]) -> dict[str, Any]:
+    """Train to the end of the schedule; returns the last logged metrics (loss, val_loss, ...)."""
+    cfg, gas = run.cfg, run.cfg.gradient_accumulation_steps
+    steps, per_epoch = total_steps(run, batches)
+    start = resume(run, engine)
+    announce(run, engine, batches, steps)
+    stream = batches.stream(skip=start * gas)
+    monitor = Monitor(cfg, run.out, run.main)
+    bar = tqdm(total=steps, initial=start, desc="train", disable=not run.main, dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    epoch = 0
+    for step in range(start + 1, steps + 1):
+        epoch, micro = draw(stream, gas)
+        count, tokens = engine.dp_sum(
+            [sum(run.method.count(b) for b in micro), sum(real_tokens(b) for b in micro)]
+        )
+        loss = engine.train_step(micro, count)
+        checkpoint._fault("step", step)
+        monitor.count_tokens(tokens)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == steps:
+            last = monitor.log_step(step, steps, per_epoch, loss, engine.lr())
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+            last.update(evaluate(run, engine, val_sets, step, monitor))
+        if cfg.save_every and step % cfg.save_every == 0 and step != steps:
+            engine.save(step, epoch)
+    bar.close()
+    last.update(evaluate(run, engine, val_sets, steps, monitor))
+    path = engine.save(steps, epoch)
+    if run.main:
+        logger.info(f"saved checkpoint {path}")
+        write_json(run.out / "final_metrics.json", last)
+    monitor.close()
+    return last

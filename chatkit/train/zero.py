@@ -1,0 +1,160 @@
+"""The ZeRO engine: a Hugging Face model (full, LoRA or QLoRA) under DeepSpeed ZeRO stage 0-3.
+
+Every rank is a data-parallel replica; ZeRO shards optimizer states (1), gradients (2) and weights (3)
+over them. Packed rows attend block-diagonally (per-conversation positions and a segment mask).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from chatkit.data import TokenizedSet, block_causal_mask
+from chatkit.train import adapters, checkpoint
+from chatkit.train.context import Run
+from chatkit.train.data import val_shard
+from chatkit.train.distributed import all_sum
+from chatkit.train.dsconfig import lr_lambda, resolve_ds_config
+from chatkit.train.engine import Batch
+from chatkit.train.loss import step_scale
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def check_context(model_config, cfg) -> None:
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and cfg.max_length > context:
+        raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens")
+
+
+def build_engine(run: Run, total_steps: int):
+    """The model (full, LoRA or QLoRA) wrapped by DeepSpeed with the preset's ZeRO stage."""
+    import deepspeed
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    cfg = run.cfg
+    model_config = AutoConfig.from_pretrained(cfg.model)
+    check_context(model_config, cfg)
+    if cfg.precision == "fp16" and run.device.type == "cpu":
+        raise ValueError(
+            "precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32"
+        )
+    ds_config = resolve_ds_config(cfg, model_config.hidden_size)
+    adapters.check_engine(cfg, ds_config)
+    # Keeps transformers aware of ZeRO-3, so large models are partitioned while they load.
+    zero3 = ds_config["zero_optimization"].get("stage") == 3 and not cfg.lora_r
+    _hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
+    model = adapters.load_base(cfg, run.device)
+    if run.added_tokens:
+        model.resize_token_embeddings(len(run.tokenizer))
+        if run.main:
+            logger.info(
+                f"added the template's {run.added_tokens} marker token(s) to the tokenizer and embeddings"
+            )
+    model = adapters.apply_adapters(model, cfg)
+    optimizer = adapters.client_optimizer(cfg, model, ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        ),
+    )
+    del _hf_ds
+    return engine, scheduler
+
+
+class ZeroEngine:
+    def __init__(self, run: Run):
+        self.run = run
+        self.dp_rank, self.dp_world = run.rank, run.world
+        self.engine = self.scheduler = None
+
+    def setup(self, total_steps: int) -> None:
+        self.engine, self.scheduler = build_engine(self.run, total_steps)
+        # from_pretrained returns modules in eval mode and DeepSpeed leaves them so (PEFT's new adapters
+        # are the exception): without this, dropout is off and bitsandbytes takes its inference path.
+        self.engine.train()
+
+    def describe(self) -> tuple[str, int]:
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        return f"{self.run.world} rank(s)", n
+
+    def dp_sum(self, values: list[float]) -> list[float]:
+        return all_sum(values, self.run.device)
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        """Logits with per-conversation positions and block-diagonal causal attention."""
+        dtype = next(self.engine.module.parameters()).dtype
+        mask = block_causal_mask(batch["segment_ids"], dtype)
+        return self.engine(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+        ).logits
+
+    def train_step(self, micro: list[Batch], count: float) -> float:
+        # DeepSpeed divides by the accumulation steps and averages over ranks: the scale undoes both.
+        scale = step_scale(count, self.dp_world, len(micro))
+        total = 0.0
+        for b in micro:
+            b = to_device(b, self.run.device)
+            loss_sum = self.run.method.loss_sum(self._logits(b), b)
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            total += float(loss_sum.detach())
+        return self.dp_sum([total])[0] / max(count, 1)
+
+    def evaluate(self, val_sets: list[TokenizedSet]) -> float:
+        """Validation loss per trained token over all ranks, one conversation per row."""
+        method, mbs = self.run.method, self.run.cfg.micro_batch_size
+        shard = val_shard(val_sets, self.dp_rank, self.dp_world)
+        self.engine.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(shard), mbs):
+                batch = to_device(
+                    method.collate([[e] for e in shard[i : i + mbs]], self.run.pad_id), self.run.device
+                )
+                total += float(method.loss_sum(self._logits(batch), batch))
+                count += method.count(batch)
+        self.engine.train()
+        total, count = self.dp_sum([total, count])
+        return total / max(count, 1)
+
+    def _same_token(self, token: int) -> int:
+        """Rank 0's choice on every rank: ZeRO-3 forwards are collective, so ranks must stop together
+        even where their logits differ in the last bit (GPU kernels are not bitwise deterministic)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([token], dtype=torch.long, device=self.run.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def sample(self, prompts: list[str]) -> list[str]:
+        from chatkit.chat import ChatEngine, GenerationParams
+        from chatkit.conversation import Message
+
+        run = self.run
+        chat = ChatEngine(self.engine.module, run.tokenizer, run.template, run.device, self._same_token)
+        params = GenerationParams(max_new_tokens=64, sample=False)
+        try:
+            return [chat.reply([Message("user", p)], params) for p in prompts]
+        finally:
+            self.engine.train()
+
+    def save(self, step: int, epoch: int) -> Path:
+        run = self.run
+        return checkpoint.save(self.engine, run.cfg, run.tokenizer, step, run.rank, {"epoch": epoch})
+
+    def resume(self, root: Path, tag: str) -> int:
+        state = checkpoint.load(self.engine, root, tag, quantized=bool(self.run.cfg.quantize))
+        return int(state["step"])
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
