@@ -62,7 +62,7 @@ OURS_PIPELINE = (
     "export_hf(sys.argv[1], sys.argv[2], max_shard_size=int(sys.argv[3]))",
 )
 THEIRS_PIPELINE = (
-    "from chatkit.pipeline import hf_key\nfrom transformers import AutoConfig\nfrom safetensors.torch import save_file",
+    "from chatkit.convert.pipeline import hf_key\nfrom transformers import AutoConfig\nfrom safetensors.torch import save_file",
     """config = AutoConfig.from_pretrained(sys.argv[1])
 state = {}
 for f in sorted(Path(sys.argv[1]).glob("layer_*-model_states.pt")):

@@ -387,9 +387,22 @@ def retrieval_from_args(p: argparse.ArgumentParser, args: argparse.Namespace):
         p.error(f"--retrieval: {e}")
 
 
+def take_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt here, whatever this process inherited.
+
+    Python leaves SIGINT alone when it starts ignored, which a shell does for commands it starts in
+    the background (`cmd &` in a script, CI runners, some IDE consoles); Ctrl-C would then neither stop
+    a reply nor clear the prompt, the two things the shell promises it does.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
+    take_ctrl_c()
     engine = engine_from_args(p, args)
     provider = retrieval_from_args(p, args)
     shell = ChatShell(
