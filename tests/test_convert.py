@@ -174,6 +174,7 @@ def test_merged_lora_gives_the_adapter_models_logits(bases, arch, tmp_path):
     assert torch.allclose(_logits(merged), _logits(peft), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_merge_lora_script(bases, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -201,6 +202,7 @@ def _sh(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_make_shards_keeps_the_input_unless_asked(bases, tmp_path):
     from transformers import AutoModelForCausalLM
 

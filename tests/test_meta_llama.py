@@ -338,6 +338,7 @@ def test_broken_inputs_are_named(meta_dirs, spm_file, tmp_path):
     assert not list(tmp_path.glob(".o*"))  # no temporary folders left behind
 
 
+@pytest.mark.slow
 def test_script_converts_and_reports_errors(meta_dirs, tmp_path):
     src, model = meta_dirs["gqa-2shards"]
     before = _snapshot(src)

@@ -286,6 +286,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 def test_script_with_source(llama_src: Path, tmp_path: Path):
     proc = _run(
         "pretrained/open_llama_3b/prepare.py", "--source", str(llama_src), "--out", str(tmp_path / "o")
@@ -295,6 +296,7 @@ def test_script_with_source(llama_src: Path, tmp_path: Path):
     assert (tmp_path / "o" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_script_downloads_offline_from_hf_home(tiny_model_dir: Path, tmp_path: Path):
     """HF_HOME and HF_HUB_OFFLINE as a user sets them, read by huggingface_hub at import."""
     _hf_cache(tmp_path / "hf" / "hub", "EleutherAI/gpt-neox-20b", tiny_model_dir)

@@ -75,6 +75,7 @@ def _command_line(stdout: str) -> str:
     return lines[lines.index("# command") + 1]
 
 
+@pytest.mark.slow
 def test_finetune_tiny_dry_run():
     proc = sh("training/finetune_tiny.sh", "max_steps=7", "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -96,12 +97,14 @@ def test_finetune_tiny_dry_run():
 @pytest.mark.parametrize(
     "args", [["--dry-run", "max_steps=7"], ["--cpu-ranks", "1", "max_steps=7", "--dry-run"]]
 )
+@pytest.mark.slow
 def test_finetune_tiny_dry_run_flags_before_overrides(args: list[str]):
     proc = sh("training/finetune_tiny.sh", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\nmax_steps: 7\n" in proc.stdout
 
 
+@pytest.mark.slow
 def test_finetune_demo_dry_run_uses_demo_recipe():
     proc = sh("training/finetune_demo.sh", "--dry-run", "--num-gpus", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -111,6 +114,7 @@ def test_finetune_demo_dry_run_uses_demo_recipe():
     assert cmd.startswith("DS_ACCELERATOR=cpu ") and "--num_gpus 2 " in cmd
 
 
+@pytest.mark.slow
 def test_dry_run_bad_override_fails_naming_the_setting():
     proc = sh("training/finetune_tiny.sh", "precision=fp8", "--dry-run")
     assert proc.returncode != 0

@@ -266,6 +266,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_make_diff_recover_and_wrong_base(models, tmp_path):
     base, target = str(models["base"]), str(models["target32"])
     r = _cli("--make-diff", "--base", base, "--target", target, "--out", str(tmp_path / "d"))
