@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from chatkit.chat import ChatEngine, ContextProvider, GenerationError, GenerationParams, with_context
-from chatkit.conversation import Conversation, ConversationError, Message, read_jsonl, write_conversations
+from chatkit.conversation import Conversation, ConversationError, Message, parse_line, write_conversations
 
 HELP = """commands:
   /help             this help
@@ -26,12 +26,18 @@ HELP = """commands:
   /system [TEXT]    set the system prompt (without TEXT: show it)
   /set NAME VALUE   change temperature, top_k, top_p, max_tokens or sample (true/false)
   /hyperparameters  show the generation settings
-  /raw_prompt       show the exact prompt the model sees for the next reply
+  /raw_prompt       show the exact prompt the model sees for the next reply (old turns left out to fit)
   /raw_say TEXT     send TEXT to the model as is (no template, not kept in the conversation)
-  /save FILE        write the conversation to FILE (conversation JSONL)
+  /save FILE        write the conversation to FILE (conversation JSONL); never replaces a file
+  /save! FILE       the same, replacing FILE if it exists (neither creates folders)
   /load FILE        read a conversation from FILE (the first line of a conversation JSONL)
   /context          show the passages retrieved for the last turn
-anything else is sent to the model as your next turn; Ctrl-C stops a reply and keeps what was said."""
+anything else is sent to the model as your next turn; Ctrl-C stops a reply and keeps what was said.
+When the conversation outgrows the model's context, the oldest whole turns are left out of the prompt
+(never the system prompt), and a line says how many."""
+
+EMPTY_REPLY = "(empty reply)"
+"""Printed in place of a reply that has no text, so that it cannot pass for a missing one."""
 
 # /set NAME -> (GenerationParams field, parser, check, what a good value is)
 _BOOLS = {
@@ -89,6 +95,7 @@ class ChatShell:
             "/raw_prompt": self._raw_prompt,
             "/raw_say": self._raw_say,
             "/save": self._save,
+            "/save!": lambda arg: self._save(arg, replace=True),
             "/load": self._load,
             "/context": self._context,
         }
@@ -124,6 +131,8 @@ class ChatShell:
             self.last_context = list(self.context_provider(list(self.history)) or [])
             messages = with_context(self.history, self.last_context)
         try:
+            kept = self.engine.prompt_messages(messages, self.params.max_new_tokens)
+            self._left_out(len(messages) - len(kept))
             reply = self._emit(self.engine.stream(messages, self.params, self.seed))
         except (ValueError, GenerationError) as e:  # e.g. a turn longer than the context
             self.history.pop()
@@ -144,9 +153,17 @@ class ChatShell:
         except KeyboardInterrupt:
             pass  # Ctrl-C stops the reply; what was said so far is kept
         text = "".join(pieces)
-        self.out.write(("" if self.stream else text) + "\n")
+        if not text.strip():
+            self.out.write(EMPTY_REPLY + "\n")
+        else:
+            self.out.write(("" if self.stream else text) + "\n")
         self.out.flush()
         return text
+
+    def _left_out(self, n: int) -> None:
+        """Say that the prompt leaves out the n oldest messages (the engine trims them to fit)."""
+        if n > 0:
+            self._print(f"({n} earlier message{'s' if n != 1 else ''} left out to fit the context)")
 
     def _print(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -213,7 +230,13 @@ class ChatShell:
         return True
 
     def _raw_prompt(self, _: str) -> bool:
-        self._print(self.engine.raw_prompt(self.history))
+        try:
+            kept = self.engine.prompt_messages(self.history, self.params.max_new_tokens)
+        except ValueError as e:
+            self._print(f"error: {e}")
+            return True
+        self._left_out(len(self.history) - len(kept))
+        self._print(self.engine.raw_prompt(kept))
         return True
 
     def _raw_say(self, text: str) -> bool:
@@ -226,34 +249,51 @@ class ChatShell:
             self._print(f"error: {e}")
         return True
 
-    def _save(self, path: str) -> bool:
-        if not path:
-            self._print("usage: /save FILE")
+    def _save(self, arg: str, replace: bool = False) -> bool:
+        """/save FILE refuses to replace a file (/save! FILE does); neither creates a missing folder."""
+        if not arg:
+            self._print(f"usage: /save{'!' if replace else ''} FILE")
+            return True
+        path = Path(arg).expanduser()
+        folder = path.parent
+        if path.is_dir():
+            self._print(f"error: {arg} is a folder; name a file")
+            return True
+        if not folder.is_dir():
+            why = "is not a folder" if folder.exists() else "does not exist (/save does not create folders)"
+            self._print(f"error: cannot write {arg}: {folder} {why}")
+            return True
+        existed = path.exists() or path.is_symlink()
+        if existed and not replace:
+            self._print(f"error: {arg} exists; /save! {arg} replaces it")
             return True
         try:
             write_conversations(path, [Conversation(tuple(self.history), source="chatkit.bot")])
         except OSError as e:
-            self._print(f"error: cannot write {path}: {e}")
+            self._print(f"error: cannot write {arg}: {e.strerror or e}")
             return True
-        self._print(f"(saved {len(self.history)} messages to {path})")
+        self._print(f"(saved {len(self.history)} messages to {arg}{', replacing it' if existed else ''})")
         return True
 
-    def _load(self, path: str) -> bool:
-        if not path:
+    def _load(self, arg: str) -> bool:
+        if not arg:
             self._print("usage: /load FILE")
             return True
         try:
-            convs = read_jsonl(Path(path))
-        except (OSError, ConversationError) as e:
-            self._print(f"error: cannot load {path}: {e}")
+            conv = first_conversation(Path(arg).expanduser())
+        except OSError as e:
+            self._print(f"error: cannot load {arg}: {e.strerror or e}")
             return True
-        if not convs:
-            self._print(f"error: {path} holds no conversation")
+        except ConversationError as e:  # the message starts with file:line
+            self._print(f"error: cannot load {e}")
             return True
-        self.history = [Message(m.role, m.content) for m in convs[0].messages]
+        if conv is None:
+            self._print(f"error: {arg} holds no conversation")
+            return True
+        self.history = [Message(m.role, m.content) for m in conv.messages]
         self.system = self.history[0].content if self.history[0].role == "system" else None
         self.last_context = None
-        self._print(f"(loaded {len(self.history)} messages from {path})")
+        self._print(f"(loaded {len(self.history)} messages from {arg})")
         return True
 
     def _context(self, _: str) -> bool:
@@ -267,6 +307,29 @@ class ChatShell:
             for i, passage in enumerate(self.last_context, 1):
                 self._print(f"[{i}] {passage}")
         return True
+
+
+def first_conversation(path: Path) -> Conversation | None:
+    """The first conversation of a conversation JSONL file (None if it has none), read line by line.
+
+    Every problem is a ConversationError naming the file and line: a byte that is not UTF-8, invalid
+    JSON, JSON nested too deeply, or a conversation that breaks the schema."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:  # a byte-order mark (Windows editors write one) is not part of the first line
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ConversationError(
+                    f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                return parse_line(line, where)
+            except RecursionError:
+                raise ConversationError(f"{where}: JSON nested too deeply to read") from None
+    return None
 
 
 def run_interactive(shell: ChatShell) -> None:

@@ -267,6 +267,27 @@ class ChatEngine:
                 )
             msgs = msgs[:first] + msgs[nxt:]
 
+    def prompt_messages(self, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:
+        """The messages `prompt_ids` keeps: the oldest whole turns dropped (never the system prompt)
+        until the prompt plus `max_new_tokens` fits the context; a ValueError when nothing fits.
+
+        `len(messages) - len(result)` is how many messages a reply would not see (the shell says so),
+        and `raw_prompt(result)` is the text the model is given. Tests check that
+        `encode_prompt(result)` is exactly `prompt_ids(messages)`."""
+        msgs = list(messages)
+        while True:
+            ids = encode_prompt(self.tokenizer, self.template, msgs)
+            if len(ids) + max_new_tokens <= self.context_length:
+                return msgs
+            first = 1 if msgs and msgs[0].role == "system" else 0
+            nxt = next((i for i in range(first + 1, len(msgs)) if msgs[i].role == "user"), None)
+            if nxt is None:
+                raise ValueError(
+                    f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) does not fit "
+                    f"the model's context of {self.context_length} tokens"
+                )
+            msgs = msgs[:first] + msgs[nxt:]
+
     def prompt_length(self, messages: Sequence[Message]) -> int:
         """Tokens in the whole prompt of `messages`, no turn left out: what `stream` feeds when it fits.
 

@@ -7,6 +7,8 @@ The resolved config is saved beside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +17,27 @@ from typing import Any
 
 import yaml
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DSCONFIG_DIR = REPO_ROOT / "dsconfig"
+MAX_TOKENIZE_PROCS = 256
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; lists every problem found."""
+
+
+def preset_path(name: str) -> Path | None:
+    """The file a `deepspeed` setting names: a path to a JSON file, else dsconfig/<name>.json; None if neither."""
+    if not name:
+        return None
+    for path in (Path(name), DSCONFIG_DIR / f"{name}.json"):
+        if path.is_file():
+            return path
+    return None
+
+
+def known_presets() -> list[str]:
+    return sorted(p.stem for p in DSCONFIG_DIR.glob("*.json"))
 
 
 @dataclass
@@ -31,9 +51,10 @@ class TrainConfig:
     template: str = "openchatkit"
     """Chat template name (chatkit.templates); embedded in every export."""
     output_dir: str = "outputs/run"
-    """Where checkpoints, logs and metrics.jsonl go."""
+    """Where checkpoints, logs and metrics.jsonl go (not empty)."""
     deepspeed: str = "zero3"
-    """DeepSpeed config: a name in dsconfig/ (zero2, zero3, ...) or a path to a JSON file."""
+    """DeepSpeed config: a name in dsconfig/ (zero2, zero3, ...) or a path to a JSON file; the pipeline
+    engine (pipeline_stages > 1) takes ZeRO stage 0 or 1 only (deepspeed: pipeline)."""
     precision: str = "fp32"
     """fp32, bf16 or fp16."""
     pipeline_stages: int = 1
@@ -41,9 +62,9 @@ class TrainConfig:
     lora_r: int = 0
     """LoRA rank; 0 fine-tunes every weight."""
     lora_alpha: float = 16.0
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    """LoRA scaling numerator (the update is scaled by alpha / r); positive."""
     lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch, within [0, 1)."""
     lora_targets: list[str] = field(default_factory=list)
     """Module names LoRA adapts (default: the base model's registry entry, else all linear layers)."""
     quantize: str = ""
@@ -59,7 +80,7 @@ class TrainConfig:
     pack: bool = True
     """Pack whole conversations into rows of max_length (block-diagonal attention keeps them apart)."""
     tokenize_procs: int = 0
-    """Processes for tokenization (0: one per CPU core, at most 8)."""
+    """Processes for tokenization (0: one per CPU core, at most 8); at most 256."""
     cache_dir: str = ""
     """Tokenized-data cache (default: $CHATKIT_CACHE or ~/.cache/chatkit)."""
     micro_batch_size: int = 8
@@ -100,6 +121,11 @@ class TrainConfig:
     """Seed for data order and initialisation."""
 
     def validate(self, check_files: bool = True) -> list[str]:
+        """Every problem with these settings, one line each naming the setting (empty: usable).
+
+        `check_files` also checks that the data files exist (the launcher's --dry-run plans without them).
+        What depends on the hardware or on the base's folder (precision=fp16 on CPU ranks, pipeline
+        stages against the world size, max_length against the context) is checked by the launcher."""
         errors = []
         if not self.train_files:
             errors.append("train_files: at least one training file is required")
@@ -112,32 +138,50 @@ class TrainConfig:
                     errors.append(f"{name}: no such file {src.path!r}")
                 if src.weight is not None and not src.weight > 0:
                     errors.append(f"{name}: weight of {src.path!r} must be positive, got {src.weight}")
+        if not self.output_dir.strip():
+            errors.append("output_dir: must not be empty (the run would write into the current directory)")
+        elif check_files and Path(self.output_dir).is_file():
+            errors.append(f"output_dir: {self.output_dir!r} is a file, not a folder")
         errors += self._validate_engine()
+        errors += self._validate_numbers()
         if self.overlong not in ("drop", "truncate"):
             errors.append(f"overlong: must be drop or truncate, got {self.overlong!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             errors.append(f"precision: must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "tokenize_procs"):
-            if getattr(self, name) < 0:
-                errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
-        if not self.learning_rate > 0:  # written so NaN fails too
-            errors.append(f"learning_rate: must be positive, got {self.learning_rate}")
-        for name in ("weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            errors.append(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
-        if self.max_steps == 0 and not self.epochs > 0:
-            errors.append("epochs: must be positive when max_steps is 0")
         from chatkit.templates import list_templates
 
         if self.template not in list_templates():
             errors.append(
                 f"template: unknown chat template {self.template!r}; known: {', '.join(list_templates())}"
             )
+        return errors
+
+    def _validate_numbers(self) -> list[str]:
+        """Counts and rates (comparisons are written so that NaN fails them too; inf is refused)."""
+        errors = []
+        for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "tokenize_procs"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.tokenize_procs > MAX_TOKENIZE_PROCS:
+            errors.append(f"tokenize_procs: must be at most {MAX_TOKENIZE_PROCS}, got {self.tokenize_procs}")
+        if not 0 < self.learning_rate < math.inf:
+            errors.append(f"learning_rate: must be positive and finite, got {self.learning_rate}")
+        for name in ("weight_decay", "grad_clip"):
+            if not 0 <= getattr(self, name) < math.inf:
+                errors.append(f"{name}: must be 0 or more and finite, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.epochs < math.inf:
+            errors.append(f"epochs: must be 0 or more and finite, got {self.epochs}")
+        elif self.max_steps == 0 and not self.epochs > 0:
+            errors.append("epochs: must be positive when max_steps is 0")
+        if not 0 < self.lora_alpha < math.inf:
+            errors.append(f"lora_alpha: must be positive and finite, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"lora_dropout: must be within [0, 1), got {self.lora_dropout}")
         return errors
 
     def _validate_engine(self) -> list[str]:
@@ -157,11 +201,40 @@ class TrainConfig:
             errors.append(
                 "pipeline_stages: LoRA and quantized bases train with ZeRO, not the pipeline engine"
             )
+        errors += self._validate_preset()
         unknown = set(self.train_log_backend) - {"loguru", "wandb"}
         if unknown:
             errors.append(f"train_log_backend: unknown {', '.join(sorted(unknown))} (loguru, wandb)")
         if self.keep_checkpoints < 0:
             errors.append(f"keep_checkpoints: must be 0 or more, got {self.keep_checkpoints}")
+        return errors
+
+    def _validate_preset(self) -> list[str]:
+        """The DeepSpeed preset exists, is a JSON object, and its ZeRO stage suits the engine."""
+        path = preset_path(self.deepspeed)
+        if path is None:
+            return [
+                f"deepspeed: no preset {self.deepspeed!r}: give a name in dsconfig/ "
+                f"({', '.join(known_presets())}) or a path to a JSON file"
+            ]
+        try:
+            preset = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return [f"deepspeed: {path} is not readable JSON ({' '.join(str(e).split())})"]
+        zero = preset.get("zero_optimization", {}) if isinstance(preset, dict) else None
+        if not isinstance(zero, dict):
+            return [f"deepspeed: {path} is not a DeepSpeed config (a JSON object)"]
+        stage = zero.get("stage", 0)
+        errors = []
+        if self.pipeline_stages > 1 and stage not in (0, 1):
+            errors.append(
+                f"pipeline_stages: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, and "
+                f"deepspeed={self.deepspeed} is stage {stage}; use deepspeed=pipeline"
+            )
+        if self.quantize and stage == 3:
+            errors.append("deepspeed: a quantized base cannot be partitioned by ZeRO-3; use zero0 or zero2")
+        if self.optim == "adamw8bit" and stage != 0:
+            errors.append(f"optim: adamw8bit needs ZeRO stage 0 (deepspeed=zero0), not stage {stage}")
         return errors
 
 

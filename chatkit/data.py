@@ -19,15 +19,20 @@ import json
 import multiprocessing as mp
 import os
 import random
+import zipfile
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from loguru import logger
 from tqdm import tqdm
 
-from chatkit.conversation import Message, parse_line
+from chatkit.conversation import ConversationError, Message, parse_line
 from chatkit.io import atomic_open, write_json
 from chatkit.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 
@@ -85,14 +90,17 @@ def fit_conversation(tokenizer, template, messages: Sequence[Message], max_lengt
     """
     if any(not m.content.strip() for m in messages):
         return None, "empty_message"
-    enc = encode_conversation(tokenizer, template, messages)
+    reach = _within_reach(messages, max_length * longest_piece(tokenizer))
+    if reach is None or (len(reach) < len(messages) and overlong != "truncate"):
+        return None, "too_long"
+    enc = encode_conversation(tokenizer, template, reach)
     outcome = "ok"
-    if len(enc.input_ids) > max_length:
+    if len(reach) < len(messages) or len(enc.input_ids) > max_length:
         if overlong != "truncate":
             return None, "too_long"
-        ends = [i for i, m in enumerate(messages[:-1]) if m.role == "assistant"]
+        ends = [i for i, m in enumerate(reach) if m.role == "assistant" and i < len(messages) - 1]
         for end in reversed(ends):
-            enc = encode_conversation(tokenizer, template, messages[: end + 1])
+            enc = encode_conversation(tokenizer, template, reach[: end + 1])
             if len(enc.input_ids) <= max_length:
                 outcome = "truncated"
                 break
@@ -101,6 +109,28 @@ def fit_conversation(tokenizer, template, messages: Sequence[Message], max_lengt
     if enc.num_trained == 0:
         return None, "untrained"
     return enc, outcome
+
+
+def longest_piece(tokenizer) -> int:
+    """Characters the longest vocabulary entry can stand for (an upper bound: byte-level pieces hold
+    one character per byte, sentencepiece's byte pieces `<0xNN>` six characters for one byte)."""
+    cached = getattr(tokenizer, "_chatkit_longest_piece", None)
+    if cached is None:
+        cached = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        tokenizer._chatkit_longest_piece = cached
+    return cached
+
+
+def _within_reach(messages: Sequence[Message], max_chars: int) -> list[Message] | None:
+    """The messages before the first one that ends past `max_chars` characters of content: no token
+    sequence of max_length tokens can hold more, so those never need tokenizing. This bounds the work
+    (and memory) per row before any tokenizer runs: a 50 MB row costs a length check, not 20 GB."""
+    total = 0
+    for i, m in enumerate(messages):
+        total += len(m.content)
+        if total > max_chars:
+            return list(messages[:i]) or None
+    return list(messages)
 
 
 _WORKER: dict = {}
@@ -134,11 +164,17 @@ def _tokenize_chunk(args: tuple[str, int, list[str]]):
 
 
 def _chunks(path: str) -> Iterator[tuple[str, int, list[str]]]:
-    with open(path, encoding="utf-8") as f:
+    """CHUNK lines at a time; a line that is not UTF-8 is an error naming its file and line."""
+    with open(path, "rb") as f:
         batch: list[str] = []
         first = 1
-        for lineno, line in enumerate(f, 1):
-            batch.append(line)
+        for lineno, raw in enumerate(f, 1):
+            try:
+                batch.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConversationError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if len(batch) == CHUNK:
                 yield path, first, batch
                 batch, first = [], lineno + 1
@@ -162,6 +198,49 @@ def _fingerprint(path: str, tokenizer, template, max_length: int, overlong: str)
     return h.hexdigest()
 
 
+def _read_cache(entry: Path) -> TokenizedSet | None:
+    """A cached set, or None when absent or damaged (a truncated file from a full disk or a kill):
+    a damaged entry is removed and the file tokenized again, instead of failing every later run."""
+    if not entry.is_file():
+        return None
+    try:
+        with np.load(entry, allow_pickle=False) as z:
+            stats = json.loads(str(z["stats"]))
+            return TokenizedSet(z["tokens"], z["trained"], z["offsets"], stats)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        logger.warning(
+            f"{entry}: damaged tokenization cache entry ({type(e).__name__}: {e}); tokenizing again"
+        )
+        entry.unlink(missing_ok=True)
+        return None
+
+
+def _in_workers(chunks: Iterator[tuple[str, int, list[str]]], procs: int, init: tuple):
+    """Tokenized chunks in order, from `procs` processes, with at most 2 x procs chunks in flight (the
+    file is never read ahead into memory). A worker that dies (the OOM killer) stops the run with a
+    message naming the lines it had; `multiprocessing.Pool` would wait for its result forever."""
+    ctx = mp.get_context("fork")
+    with ProcessPoolExecutor(procs, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(_tokenize_chunk, chunk)))
+            if len(pending) >= 2 * procs:
+                yield _result(*pending.popleft())
+        while pending:
+            yield _result(*pending.popleft())
+
+
+def _result(chunk: tuple[str, int, list[str]], future):
+    path, first, lines = chunk
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise ConversationError(
+            f"{path}:{first}-{first + len(lines) - 1}: a tokenizer process died while tokenizing these lines "
+            "(killed by the system, most likely for memory); tokenize_procs=1 shows which row"
+        ) from None
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CHATKIT_CACHE", Path.home() / ".cache" / "chatkit")) / "tokenized"
 
@@ -180,19 +259,16 @@ def tokenize_file(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = _fingerprint(path, tokenizer, template, max_length, overlong)
     entry = cache / f"{Path(path).stem}-{key}.npz"
-    if entry.is_file():
-        with np.load(entry, allow_pickle=False) as z:
-            stats = json.loads(str(z["stats"]))
-            return TokenizedSet(z["tokens"], z["trained"], z["offsets"], stats)
+    cached = _read_cache(entry)
+    if cached is not None:
+        return cached
     parts = []
     bar = tqdm(desc=f"tokenize {path}", unit=" conv", disable=not show_progress, leave=False)
     chunks = _chunks(path)
     if num_proc > 1:
-        ctx = mp.get_context("fork")
-        with ctx.Pool(num_proc, _init_worker, (tokenizer, template, max_length, overlong)) as pool:
-            for part in pool.imap(_tokenize_chunk, chunks):
-                parts.append(part)
-                bar.update(sum(part[3].values()))
+        for part in _in_workers(chunks, num_proc, (tokenizer, template, max_length, overlong)):
+            parts.append(part)
+            bar.update(sum(part[3].values()))
     else:
         _init_worker(tokenizer, template, max_length, overlong)
         for chunk in chunks:

@@ -10,11 +10,16 @@ demo data, for a few steps, so every recipe can be tried on a laptop.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,10 +27,13 @@ import yaml
 
 from chatkit.architectures import ARCHITECTURES
 from chatkit.config import ConfigError, TrainConfig, load_config
+from chatkit.models import spec_for_path
 from chatkit.plan import World, base_config, ds_preset, plan_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE_S = 10.0  # after a forwarded signal, how long the run has to exit before SIGKILL
 
 
 def count_gpus() -> int:
@@ -44,20 +52,43 @@ def gpus_per_node(args: argparse.Namespace) -> int:
     return count_gpus() if args.num_gpus is None else args.num_gpus
 
 
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """DeepSpeed's hostfile, read as DeepSpeed reads it: `host slots=N` a line, `#` comments.
+
+    Raises ValueError (one line) where DeepSpeed would not launch as asked: a missing file makes its
+    runner fall back to this machine alone, with a warning, and exit 0 after a one-node run."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"--hostfile: no such file {path!r}") from None
+    except OSError as e:
+        raise ValueError(f"--hostfile: cannot read {path!r} ({e.strerror})") from None
+    hosts: dict[str, int] = {}
+    for line in (ln.strip() for ln in lines):
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"(\S+)\s+slots=(\d+)", line)
+        if not match:
+            raise ValueError(f"--hostfile: {path}: bad line {line!r} (expected `host slots=N`)")
+        if match[1] in hosts:
+            raise ValueError(f"--hostfile: {path}: {match[1]} is listed twice")
+        hosts[match[1]] = int(match[2])
+    if not hosts:
+        raise ValueError(f"--hostfile: {path} lists no host (expected `host slots=N` lines)")
+    return list(hosts.items())
+
+
 def world_of(args: argparse.Namespace) -> World:
     """Ranks the launch will start: GPUs (or CPU ranks) per node x the hostfile's nodes and slots."""
     gpus = gpus_per_node(args)
     per_node = gpus or args.cpu_ranks
     if not args.hostfile:
         return World(per_node, 1, per_node, gpus > 0)
-    try:  # DeepSpeed's hostfile: `host slots=N` a line
-        hosts = [
-            ln.split() for ln in Path(args.hostfile).read_text().splitlines() if ln.split() and ln[0] != "#"
-        ]
-        slots = [int(h[1].partition("=")[2]) if len(h) > 1 else per_node for h in hosts]
-        return World(sum(slots), len(slots), slots[0], gpus > 0)
-    except (OSError, ValueError, IndexError):
+    try:
+        slots = [n for _, n in read_hostfile(args.hostfile)]
+    except ValueError:  # reported by launch_problems
         return World(per_node, 1, per_node, gpus > 0)
+    return World(sum(slots), len(slots), slots[0], gpus > 0)
 
 
 def _divisor_at_most(n: int, limit: int) -> int:
@@ -89,6 +120,13 @@ def tiny_overrides(cfg: TrainConfig, recipe: str, ranks: int, gpu: bool) -> list
     return out
 
 
+def tiny_inputs(cfg: TrainConfig) -> set[str]:
+    """The inputs of `cfg` that `ensure_tiny_inputs` builds when they are missing."""
+    built = {DEMO_TRAIN} & set(cfg.train_files)
+    built |= {cfg.model} & {f"pretrained/{arch.tiny}/model" for arch in ARCHITECTURES.values()}
+    return built
+
+
 def ensure_tiny_inputs(cfg: TrainConfig) -> None:
     """Write the demo data and build the tiny base the tiny variant uses, when they are missing."""
     if DEMO_TRAIN in cfg.train_files and not Path(DEMO_TRAIN).is_file():
@@ -106,6 +144,106 @@ def ensure_tiny_inputs(cfg: TrainConfig) -> None:
 
             n = prepare_tiny([DEMO_TRAIN], path, arch=arch.model_type)
             print(f"built the tiny {arch.model_type} base ({n:,} parameters) in {path}", file=sys.stderr)
+
+
+# --- what is known before the launch ----------------------------------------------------------------
+
+
+def looks_like_a_path(model: str) -> bool:
+    """Whether `model` names a local folder rather than a Hugging Face hub id (`org/name`)."""
+    if model.startswith((".", "/", "~", "pretrained/", "outputs/")) or Path(model).exists():
+        return True
+    parent = Path(model).parent
+    return parent != Path(".") and parent.is_dir()  # e.g. checkpoints/step9/hf, its folder here
+
+
+def model_context(model: str) -> tuple[int, str] | None:
+    """The base's context (max_position_embeddings) and where it was read: the folder's config.json
+    when the folder has one, else the registry entry's shape; None when neither says."""
+    path = Path(model) / "config.json"
+    if path.is_file():
+        try:
+            n = json.loads(path.read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return (n, str(path)) if isinstance(n, int) and not isinstance(n, bool) else None
+    spec = spec_for_path(model)
+    n = spec.config.get("max_position_embeddings") if spec else None
+    return (n, f"the {spec.name} entry of chatkit.models") if isinstance(n, int) else None
+
+
+def _model_problem(model: str) -> str | None:
+    if not looks_like_a_path(model):
+        return None  # a hub id: the ranks download it (or find it in the Hugging Face cache)
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
+    if path.is_dir():
+        return f"model: {model!r} has no config.json (not a Hugging Face model folder)"
+    if path.exists():
+        return f"model: {model!r} is not a folder"
+    hint = ""
+    if path.name == "model" and (script := path.parent / "prepare.py").is_file():
+        hint = f" ({script} prepares it)"
+    return f"model: no such folder {model!r}{hint}"
+
+
+def hostfile_problems(args: argparse.Namespace) -> list[str]:
+    if not args.hostfile:
+        return []
+    try:
+        read_hostfile(args.hostfile)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def launch_problems(
+    cfg: TrainConfig, args: argparse.Namespace, world: World, to_build: set[str] = frozenset()
+) -> tuple[list[str], list[str]]:
+    """What stops this launch, found before anything starts: (problems of the launch as planned, which a
+    --dry-run reports as errors too; files this machine lacks, which a --dry-run only warns of, as it
+    plans without weights or data). One line each, naming the setting or flag. Paths in `to_build`
+    (`tiny_inputs`, which the launch builds when they are missing) are not reported missing."""
+    errors, missing = hostfile_problems(args), []
+    where = f"{world.ranks} {'GPU' if world.gpu else 'CPU'} rank(s)"
+    if cfg.precision == "fp16" and not world.gpu:
+        errors.append(
+            f"precision: fp16 needs GPUs and this launch starts {where} (DeepSpeed's CPU accelerator has "
+            "no fp16); use bf16 or fp32, or plan for GPUs with --num-gpus N"
+        )
+    stages = cfg.pipeline_stages
+    if stages > 1 and world.ranks % stages:
+        errors.append(
+            f"pipeline_stages: {stages} stages need a multiple of {stages} ranks and this launch starts "
+            f"{where}; set pipeline_stages, or plan for other hardware with --num-gpus N"
+        )
+    context = model_context(cfg.model)
+    if context and cfg.max_length > context[0]:
+        errors.append(
+            f"max_length: {cfg.max_length} exceeds the model's context of {context[0]} tokens "
+            f"(max_position_embeddings in {context[1]})"
+        )
+    if cfg.model not in to_build and (problem := _model_problem(cfg.model)):
+        missing.append(problem)
+    from chatkit.data import DataSource
+
+    for name in ("train_files", "val_files"):
+        paths = [DataSource.parse(spec).path for spec in getattr(cfg, name)]
+        gone = [path for path in paths if path not in to_build and not Path(path).is_file()]
+        if gone:
+            more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+            missing.append(f"{name}: no such file {', '.join(map(repr, gone[:3]))}{more}")
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_dir():
+        missing.append(f"resume: no checkpoint folder {cfg.resume!r} (give one, or resume=auto)")
+    return errors, missing
+
+
+def refuse(problems: list[str]) -> None:
+    """Stop before anything starts: one `error:` line a problem, exit status 2."""
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
 
 
 def free_port() -> int:
@@ -161,6 +299,96 @@ def build_command(
     return cmd, env
 
 
+# --- running it ------------------------------------------------------------------------------------
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in process group `pgid`."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no procfs: ask the kernel (zombies count)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _stop_group(pgid: int, grace: float) -> None:
+    """SIGTERM what is left of the group, then SIGKILL what is still there after `grace` seconds."""
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not _group_alive(pgid):
+            return
+        _signal_group(pgid, signum)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.1)
+
+
+def run_group(cmd: list[str], env: dict[str, str], grace: float = STOP_GRACE_S) -> int:
+    """Run `cmd` (DeepSpeed's runner) in a session and process group of its own, which its launcher and
+    ranks join, and return its exit status; nothing it started outlives this call.
+
+    SIGINT, SIGTERM or SIGHUP to this process go to the whole group (a Ctrl-C on the terminal reaches
+    this process only, as the group has left the terminal's); the run then has `grace` seconds before
+    the group is killed (a second signal kills it at once), and the status is 128 + the signal."""
+    received: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        if proc is not None:
+            again = len(received) > 1
+            _signal_group(proc.pid, signal.SIGKILL if again else signum)
+            what = "killing" if again else "stopping"
+            line = f"launch: {signal.Signals(signum).name}: {what} the run (process group {proc.pid})\n"
+            with contextlib.suppress(OSError, ValueError):  # not print(): a handler may interrupt one
+                os.write(sys.stderr.fileno(), line.encode())
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), start_new_session=True)
+        if received:  # a signal came before the group existed
+            _signal_group(proc.pid, received[0])
+        deadline = None
+        while True:
+            try:
+                status = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                _signal_group(proc.pid, signal.SIGKILL)
+        _stop_group(proc.pid, grace)  # ranks the runner left behind (killed, or it crashed)
+    finally:
+        if proc is not None and proc.poll() is None:  # an exception here: take the group down with us
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        return 128 + received[0]
+    return status if status >= 0 else 128 - status  # killed by a signal from elsewhere: as a shell says
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="YAML recipe, e.g. config/tiny.yaml")
@@ -188,6 +416,10 @@ def main(argv: list[str] | None = None) -> None:
         help="run the recipe's tiny variant: tiny model of the same architecture, demo data, 4 steps",
     )
     args = p.parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    if args.num_gpus is not None and args.num_gpus < 0:
+        p.error("--num-gpus must be 0 or more")
+    if args.cpu_ranks < 1:
+        p.error("--cpu-ranks must be at least 1")
     if args.master_port == 0:
         if args.hostfile:
             p.error("--master-port 0 works on one node only: every node must be given the same port")
@@ -199,11 +431,20 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny:
             recipe = load_config(args.recipe, overrides, check_files=False)
             overrides = tiny_overrides(recipe, args.recipe, world.per_node, world.gpu) + overrides
-            if not args.dry_run:
-                ensure_tiny_inputs(load_config(args.recipe, overrides, check_files=False))
-        cfg = load_config(args.recipe, overrides, check_files=not args.dry_run)
+        cfg = load_config(args.recipe, overrides, check_files=False)  # files: launch_problems's
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        refuse([*hostfile_problems(args), str(e)])
+    errors, missing = launch_problems(cfg, args, world, to_build=tiny_inputs(cfg))
+    if args.dry_run:  # it plans without the weights and data: what this machine lacks is a warning
+        for problem in missing:
+            print(f"warning: {problem}; a launch here would stop on it", file=sys.stderr)
+        missing = []
+    if errors or missing:
+        refuse([*errors, *missing])
+    if not args.dry_run:  # the tiny bases and the demo data, when named and missing; then checked too
+        ensure_tiny_inputs(cfg)
+        if problems := sum(launch_problems(cfg, args, world), []):
+            refuse(problems)
     cmd, env = build_command(args, overrides)
     if args.dry_run:
         print("# resolved config")
@@ -215,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join([*(f"{k}={v}" for k, v in extra.items()), *map(shlex.quote, cmd)]))
         return
     prebuild_cpu_adam(cfg, world.gpu)
-    sys.exit(subprocess.call(cmd, env=env, cwd=os.getcwd()))
+    sys.exit(run_group(cmd, env))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from chatkit.architectures import ARCHITECTURES, get_architecture, resolve_lora_targets
-from chatkit.config import TrainConfig
+from chatkit.config import TrainConfig, preset_path
 from chatkit.models import ModelSpec, spec_for_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +41,9 @@ class World:
 
 def ds_preset(name: str) -> dict:
     """The DeepSpeed preset a recipe names (dsconfig/<name>.json or a path); {} when there is none."""
-    path = Path(name)
-    if not path.is_file():
-        path = REPO_ROOT / "dsconfig" / f"{name}.json"
+    path = preset_path(name)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if path else {}
     except (OSError, ValueError):
         return {}
 

@@ -183,3 +183,14 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def caplog_loguru():
+    """Messages logged through loguru during the test (chatkit's library logs with loguru)."""
+    from loguru import logger
+
+    lines: list[str] = []
+    handler = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message}")
+    yield lines
+    logger.remove(handler)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chatkit.bot import HELP, ChatShell, run_piped
+from chatkit.bot import EMPTY_REPLY, HELP, ChatShell, run_piped
 from chatkit.chat import ChatEngine, GenerationParams, with_context
 from chatkit.conversation import Message
 
@@ -454,6 +454,9 @@ class InterruptAfter:
                 raise KeyboardInterrupt
             yield piece
 
+    def __getattr__(self, name: str):  # everything else is the real engine's
+        return getattr(self.engine, name)
+
 
 def test_ctrl_c_keeps_what_was_said(tiny_engine: ChatEngine):
     full = tiny_engine.reply([Message("user", "hello")], GREEDY)
@@ -512,6 +515,8 @@ def test_bot_piped_every_command(every_command, tiny_engine: ChatEngine):
     lines, proc = every_command
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     out = decode(proc)
+    saved = next(Path(x.split(" ", 1)[1]) for x in lines if x.startswith("/save "))
+    saved.unlink()  # the in-process shell saves there too, and /save never replaces a file
     assert out == expected_output(tiny_engine, lines)
     assert out.startswith(HELP + "\n")
     assert "max_new_tokens: 5\nsample: False\ntemperature: 0.2\n" in out
@@ -541,3 +546,199 @@ def test_bot_piped_ctrl_c_stops_the_reply(tiny_model_dir: Path, tmp_path: Path, 
     full = tiny_engine.reply([Message("user", "count")], GenerationParams(max_new_tokens=480, sample=False))
     assert said["role"] == "assistant" and full.startswith(said["content"])
     assert len(said["content"]) < len(full)
+
+
+# --- /save and /load safety, what the prompt leaves out, empty replies ----------------------------
+
+
+def _lines(out: io.StringIO) -> list[str]:
+    lines = out.getvalue().splitlines()
+    out.truncate(0), out.seek(0)
+    return lines
+
+
+def test_save_never_replaces_a_file_unless_told(tiny_engine: ChatEngine, tmp_path: Path):
+    data = tmp_path / "train.jsonl"  # a data file of 100 conversations
+    data.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(100))
+    )
+    before = data.read_bytes()
+    shell, out = new_shell(tiny_engine)
+    shell.say("hello")
+    _lines(out)
+    shell.handle(f"/save {data}")
+    assert _lines(out) == [f"error: {data} exists; /save! {data} replaces it"]
+    assert data.read_bytes() == before
+    shell.handle(f"/save! {data}")
+    assert _lines(out) == [f"(saved 2 messages to {data}, replacing it)"]
+    assert [json.loads(x)["messages"] for x in data.read_text().splitlines()] == [
+        [m.to_dict() for m in shell.history]
+    ]
+    shell.handle(f"/save {tmp_path}")  # a folder is never a file to write
+    assert _lines(out) == [f"error: {tmp_path} is a folder; name a file"]
+    assert "/save! FILE" in HELP
+
+
+def test_save_does_not_create_folders(tiny_engine: ChatEngine, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shell, out = new_shell(tiny_engine)
+    shell.say("hello")
+    _lines(out)
+    for cmd, target in [("/save", "typo/../chat.jsonl"), ("/save!", "a/b/chat.jsonl")]:
+        shell.handle(f"{cmd} {target}")
+        folder = Path(target).parent
+        assert _lines(out) == [
+            f"error: cannot write {target}: {folder} does not exist (/save does not create folders)"
+        ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder (and no file) was made
+    shell.handle("/save chat.jsonl")  # a file in a folder that exists is fine, relative or not
+    assert _lines(out) == ["(saved 2 messages to chat.jsonl)"] and (tmp_path / "chat.jsonl").is_file()
+    shell.handle("/save!")
+    assert _lines(out) == ["usage: /save! FILE"]
+
+
+def test_load_of_a_bad_file_is_one_line_and_keeps_the_conversation(tiny_engine: ChatEngine, tmp_path: Path):
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
+    files = {
+        "latin1.jsonl": (
+            b"\n" + good.replace("yo", "caf\xe9").encode("latin-1") + b"\n",
+            ":2: not UTF-8 (byte 0xe9 at column 87)",
+        ),
+        "binary.jsonl": (bytes(range(128, 256)) * 4, ":1: not UTF-8 (byte 0x80 at column 1)"),
+        "cut.jsonl": (good[:30].encode() + b"\n", ":1: invalid JSON"),
+        "deep.jsonl": (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: JSON nested too deeply to read"),
+        "list.jsonl": (b'["hi", "yo"]\n', ":1: expected a JSON object, got list"),
+        "role.jsonl": (
+            good.replace('"user"', '"human"').encode() + b"\n",
+            ":1: messages[0].role: must be one of",
+        ),
+    }
+    shell, out = new_shell(tiny_engine, system="Be brief.")
+    shell.say("hello")
+    before = list(shell.history)
+    _lines(out)
+    for name, (data, message) in files.items():
+        (path := tmp_path / name).write_bytes(data)
+        shell.handle(f"/load {path}")
+        lines = _lines(out)
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot load {path}{message}"), lines
+        assert shell.history == before and shell.system == "Be brief."
+    (empty := tmp_path / "empty.jsonl").write_text("\n\n")
+    shell.handle(f"/load {empty}")
+    shell.handle(f"/load {tmp_path}")
+    shell.handle(f"/load {tmp_path / 'missing.jsonl'}")
+    assert _lines(out) == [
+        f"error: {empty} holds no conversation",
+        f"error: cannot load {tmp_path}: Is a directory",
+        f"error: cannot load {tmp_path / 'missing.jsonl'}: No such file or directory",
+    ]
+    assert shell.history == before
+    shell.say("still here")  # the shell goes on with the same conversation
+    assert shell.history[:3] == before and len(shell.history) == 5
+    _lines(out)
+    (bom := tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + b"not read\n")
+    shell.handle(f"/load {bom}")  # a byte-order mark is fine, and only the first conversation is read
+    assert _lines(out) == [f"(loaded 2 messages from {bom})"] and shell.history == [
+        Message("user", "hi"), Message("assistant", "yo"),
+    ]  # fmt: skip
+
+
+def _outgrown(shell: ChatShell, turns: int = 30) -> None:
+    for i in range(turns):
+        shell.history += [
+            Message("user", f"What is {i} + {i + 10}? (turn {i})"),
+            Message("assistant", str(2 * i + 10)),
+        ]
+
+
+def test_shell_says_how_many_messages_the_prompt_left_out(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine, system="You are a calculator.")
+    shell.say("hi")
+    assert "left out" not in out.getvalue()  # nothing said while everything fits
+    shell.reset()
+    _outgrown(shell)
+    _lines(out)
+    reply = shell.say("And 7 + 8?")
+    asked = shell.history[:-1]
+    kept = tiny_engine.prompt_messages(asked, GREEDY.max_new_tokens)
+    n = len(asked) - len(kept)
+    assert n >= 2 and kept[0] == Message("system", "You are a calculator.")
+    assert _lines(out) == [f"({n} earlier messages left out to fit the context)", reply]
+    assert reply == tiny_engine.reply(kept, GREEDY)  # the reply saw exactly those messages
+    assert len(shell.history) == 1 + 60 + 2  # the history itself keeps every turn
+
+
+def test_raw_prompt_is_the_prompt_after_leaving_turns_out(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine, system="You are a calculator.")
+    _outgrown(shell)
+    shell.handle("/raw_prompt")
+    kept = tiny_engine.prompt_messages(shell.history, GREEDY.max_new_tokens)
+    n = len(shell.history) - len(kept)
+    text = out.getvalue()
+    assert (
+        text == f"({n} earlier messages left out to fit the context)\n" + tiny_engine.raw_prompt(kept) + "\n"
+    )
+    assert n > 0 and "(turn 0)" not in text and "(turn 29)" in text
+    assert text.count("You are a calculator.") == 1  # the system prompt is kept
+    ids = tiny_engine.tokenizer.encode(tiny_engine.raw_prompt(kept), add_special_tokens=False)
+    assert len(ids) + GREEDY.max_new_tokens <= tiny_engine.context_length
+
+
+class Silent:
+    """The real engine, except that every reply is empty (as when the model says eos at once)."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine = engine
+
+    def stream(self, *args, **kwargs):
+        return iter(())
+
+    def complete(self, *args, **kwargs):
+        return iter(())
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def test_empty_reply_is_marked(tiny_engine: ChatEngine):
+    for stream in (True, False):
+        out = io.StringIO()
+        shell = ChatShell(Silent(tiny_engine), dataclasses.replace(GREEDY), stream=stream, out=out)
+        assert shell.say("hello") == ""
+        shell.handle("/raw_say hello")
+        assert out.getvalue() == f"{EMPTY_REPLY}\n{EMPTY_REPLY}\n"
+        assert shell.history == [Message("user", "hello"), Message("assistant", "")]
+
+
+@pytest.mark.slow
+def test_bot_piped_survives_bad_files_and_keeps_data(
+    tiny_model_dir: Path, tmp_path: Path, tiny_engine: ChatEngine
+):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "keep me"}]}\n')
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    saved = tmp_path / "saved.jsonl"
+    lines = [
+        "hello",
+        f"/load {latin1}",
+        f"/save {data}",
+        f"/save {tmp_path / 'no' / 'x.jsonl'}",
+        f"/save {saved}",
+    ]
+    proc = run_bot(tiny_model_dir, lines)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    reply = tiny_engine.reply([Message("user", "hello")], GREEDY)
+    assert decode(proc).splitlines() == [
+        reply,
+        f"error: cannot load {latin1}:1: not UTF-8 (byte 0xe9 at column 47)",
+        f"error: {data} exists; /save! {data} replaces it",
+        f"error: cannot write {tmp_path / 'no' / 'x.jsonl'}: {tmp_path / 'no'} does not exist (/save does not create folders)",
+        f"(saved 2 messages to {saved})",
+    ]
+    assert data.read_text() == '{"messages": [{"role": "user", "content": "keep me"}]}\n'
+    assert json.loads(saved.read_text())["messages"] == [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": reply},
+    ]  # fmt: skip

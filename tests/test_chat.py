@@ -506,3 +506,20 @@ def test_token_sync_decides_every_token_and_when_to_stop(tiny_engine):
     params = GenerationParams(max_new_tokens=20, sample=False)
     assert synced.reply([Message("user", "What is 5 + 7?")], params) == "12"
     assert len(seen) == len(tok.encode(" 12", add_special_tokens=False)) + 1  # stopped at the synced eos
+
+
+@pytest.mark.parametrize("turns", [0, 2, 20, 30, 40])
+@pytest.mark.parametrize("system", [True, False])
+def test_prompt_messages_are_what_prompt_ids_encodes(tiny_engine: ChatEngine, turns: int, system: bool):
+    msgs = _long_history(turns)[0 if system else 1 :]
+    for max_new in (4, 200):
+        kept = tiny_engine.prompt_messages(msgs, max_new)
+        assert encode_prompt(tiny_engine.tokenizer, OCK, kept) == tiny_engine.prompt_ids(msgs, max_new)
+        # The system prompt (if any) and a suffix of whole turns, starting with a user turn.
+        head = msgs[:1] if system else []
+        assert kept[: len(head)] == head and kept[len(head)].role == "user"
+        assert kept[len(head) :] == msgs[len(msgs) - len(kept) + len(head) :]
+    assert tiny_engine.prompt_messages(_long_history(2), 16) == _long_history(2)  # fits: all kept
+    assert len(tiny_engine.prompt_messages(_long_history(40), 4)) < len(_long_history(40))
+    with pytest.raises(ValueError, match="does not fit the model's context of 512"):
+        tiny_engine.prompt_messages([S("sys"), U("a"), A("b"), U("word " * 600)], 16)

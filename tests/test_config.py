@@ -183,6 +183,84 @@ def test_bad_values_are_named(recipe: Path, override: str, needle: str):
     assert needle in _errors(e)
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("learning_rate=inf", "learning_rate: must be positive and finite, got inf"),
+        ("learning_rate=.inf", "learning_rate: must be positive and finite, got inf"),
+        ("grad_clip=inf", "grad_clip: must be 0 or more and finite, got inf"),
+        ("weight_decay=.inf", "weight_decay: must be 0 or more and finite, got inf"),
+        ("epochs=inf", "epochs: must be 0 or more and finite, got inf"),
+        ("epochs=-1", "epochs: must be 0 or more and finite, got -1.0"),
+        ("lora_alpha=-16", "lora_alpha: must be positive and finite, got -16.0"),
+        ("lora_alpha=0", "lora_alpha: must be positive and finite, got 0.0"),
+        ("lora_alpha=.nan", "lora_alpha: must be positive and finite, got nan"),
+        ("lora_dropout=1", "lora_dropout: must be within [0, 1), got 1.0"),
+        ("lora_dropout=-0.1", "lora_dropout: must be within [0, 1), got -0.1"),
+        ("lora_dropout=.nan", "lora_dropout: must be within [0, 1), got nan"),
+        ("tokenize_procs=100000", "tokenize_procs: must be at most 256, got 100000"),
+        ("output_dir=", "output_dir: must not be empty"),
+        ("output_dir=' '", "output_dir: must not be empty"),
+        ("deepspeed=zero9", "deepspeed: no preset 'zero9': give a name in dsconfig/ (pipeline, zero0, "),
+        ("deepspeed=", "deepspeed: no preset ''"),
+        ("deepspeed=nowhere/ds.json", "deepspeed: no preset 'nowhere/ds.json'"),
+        (
+            "pipeline_stages=2",  # the recipe's deepspeed is the default, zero3
+            "pipeline_stages: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, and "
+            "deepspeed=zero3 is stage 3; use deepspeed=pipeline",
+        ),
+    ],
+)
+def test_values_that_would_fail_after_the_launch_are_named(recipe: Path, override: str, needle: str):
+    """Each used to pass validation (and --dry-run) and fail in the ranks, or train to NaN."""
+    with pytest.raises(ConfigError) as e:
+        load_config(str(recipe), [override])
+    msg = _errors(e)
+    assert needle in msg
+    assert len(msg.splitlines()) == 2  # the heading, then this one problem on one line
+
+
+@pytest.mark.parametrize("preset", ["zero2", "zero2_offload", "zero3_offload"])
+def test_the_pipeline_engine_refuses_zero_2_and_3(recipe: Path, preset: str):
+    with pytest.raises(ConfigError, match=f"deepspeed={preset} is stage [23]; use deepspeed=pipeline"):
+        load_config(str(recipe), ["pipeline_stages=4", f"deepspeed={preset}"])
+
+
+def test_the_pipeline_engine_takes_zero_0_and_1(recipe: Path, tmp_path: Path):
+    for preset in ("pipeline", "zero0"):
+        assert load_config(str(recipe), ["pipeline_stages=4", f"deepspeed={preset}"]).pipeline_stages == 4
+    stage1 = tmp_path / "stage1.json"
+    stage1.write_text('{"zero_optimization": {"stage": 1}}', encoding="utf-8")
+    assert load_config(str(recipe), ["pipeline_stages=2", f"deepspeed={stage1}"]).deepspeed == str(stage1)
+
+
+def test_a_preset_file_that_is_not_a_deepspeed_config(recipe: Path, tmp_path: Path):
+    broken, listed = tmp_path / "broken.json", tmp_path / "list.json"
+    broken.write_text("{not json", encoding="utf-8")
+    listed.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"deepspeed: {broken} is not readable JSON"):
+        load_config(str(recipe), [f"deepspeed={broken}"])
+    with pytest.raises(ConfigError, match=f"deepspeed: {listed} is not a DeepSpeed config"):
+        load_config(str(recipe), [f"deepspeed={listed}"])
+
+
+def test_quantized_and_8bit_adam_need_their_zero_stages(recipe: Path):
+    qlora = ["lora_r=8", "quantize=4bit"]
+    with pytest.raises(ConfigError, match="a quantized base cannot be partitioned by ZeRO-3"):
+        load_config(str(recipe), [*qlora, "deepspeed=zero3"])
+    with pytest.raises(ConfigError, match="optim: adamw8bit needs ZeRO stage 0"):
+        load_config(str(recipe), ["optim=adamw8bit", "deepspeed=zero2"])
+    assert load_config(str(recipe), [*qlora, "optim=adamw8bit", "deepspeed=zero0"]).quantize == "4bit"
+
+
+def test_edge_values_that_are_fine(recipe: Path):
+    cfg = load_config(
+        str(recipe),
+        ["tokenize_procs=256", "lora_dropout=0", "lora_alpha=0.5", "grad_clip=0", "epochs=0", "max_steps=3"],
+    )
+    assert (cfg.tokenize_procs, cfg.lora_dropout, cfg.grad_clip) == (256, 0.0, 0.0)
+
+
 def test_epochs_zero_is_fine_with_max_steps(recipe: Path):
     assert load_config(str(recipe), ["epochs=0", "max_steps=5"]).max_steps == 5
 
@@ -202,6 +280,10 @@ def test_several_problems_are_reported_together(recipe: Path):
         "min_lr_ratio=2",
         "template=nope",
         "train_files=[missing.jsonl]",
+        "learning_rate=inf",
+        "lora_dropout=1.5",
+        "output_dir=",
+        "deepspeed=zero9",
     ]
     with pytest.raises(ConfigError) as e:
         load_config(str(recipe), overrides)
@@ -214,6 +296,10 @@ def test_several_problems_are_reported_together(recipe: Path):
         "min_lr_ratio: must be within",
         "template: unknown chat template",
         "train_files: no such file 'missing.jsonl'",
+        "learning_rate: must be positive and finite",
+        "lora_dropout: must be within [0, 1)",
+        "output_dir: must not be empty",
+        "deepspeed: no preset 'zero9'",
     ):
         assert needle in msg, f"{needle!r} missing from:\n{msg}"
     # One problem per line, after the heading.

@@ -256,3 +256,52 @@ def test_streamed_rewrite_stays_under_one_and_a_half_shards(tmp_path):
     grew = int(r.stdout.split()[-1])
     assert grew < 1.5 * shard + 8 * 2**20, (grew, shard)
     assert grew < 0.5 * shard  # streamed: about one tensor, far below a shard
+
+
+def test_a_qlora_export_is_a_plain_full_precision_folder(bases, tmp_path):
+    """A QLoRA checkpoint's config.json carries the training-time quantization_config (4-bit NF4);
+    the export merges the adapters into full-precision weights, so the config it writes must not say
+    4-bit: every loader would rebuild bitsandbytes layers (an AssertionError on CPU, a silent
+    re-quantization on a GPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    peft = _adapter(
+        bases["llama"], tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+    )
+    tag = tmp_path / "ckpt" / "step4"
+    shutil.copytree(tmp_path / "adapter", tag)
+    config = AutoConfig.from_pretrained(bases["llama"])
+    config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").to_dict()
+    config.save_pretrained(tag)
+    AutoTokenizer.from_pretrained(bases["llama"]).save_pretrained(tag)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # what DeepSpeed writes beside the adapters
+    (tag.parent / "latest").write_text("step4")
+    (tag / "chatkit.json").write_text(
+        json.dumps({"template": "openchatkit", "base_model": str(bases["llama"])})
+    )
+    assert "quantization_config" in json.loads((tag / "config.json").read_text())
+
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # not a bitsandbytes layer
+    assert torch.allclose(_logits(model), _logits(peft), atol=1e-5)
+
+
+def test_a_checkpoint_file_holding_code_is_refused_with_one_clear_message(bases, tmp_path):
+    import os
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    _write_pipeline_checkpoint(_perturbed(bases["neox"]), bases["neox"], tmp_path / "ckpt" / "step1")
+    layer = tmp_path / "ckpt" / "step1" / "layer_01-model_states.pt"
+    state = torch.load(layer, weights_only=True)
+    state["extra"] = RunsCode()
+    torch.save(state, layer)
+    with pytest.raises(
+        ValueError, match=r"layer_01-model_states.pt: refused: .*GLOBAL posix.system.*nothing from it was run"
+    ):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "hf").exists()

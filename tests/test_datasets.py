@@ -20,7 +20,7 @@ import pytest
 
 from chatkit.conversation import Message, read_jsonl
 from chatkit.datasets import get_dataset, list_datasets
-from chatkit.datasets.prepare import Options, in_val, prepare, run
+from chatkit.datasets.prepare import NothingKept, Options, in_val, prepare, run
 from chatkit.datasets.sources import DatasetError, iter_rows
 from chatkit.datasets.spec import UNHELPFUL_MARKER, DatasetSpec, field
 
@@ -442,8 +442,11 @@ def test_empty_transcripts_are_counted_not_dropped(tmp_path: Path):
         [{"chosen": "", "rejected": ""}, {"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}],
         src := tmp_path / "t.jsonl",
     )
-    counts = run(get_dataset("anthropic_hh"), Options(out=tmp_path / "out", source=src, keep_rejected=True))
+    with pytest.raises(NothingKept) as e:  # every row skipped: the run fails, naming the skips
+        run(get_dataset("anthropic_hh"), Options(out=tmp_path / "out", source=src, keep_rejected=True))
+    counts = e.value.counts
     assert (counts.rows, counts.written) == (2, 0)
+    assert not (tmp_path / "out").exists()
     assert counts.skipped == {
         "no messages": 1,
         "rejected: no messages": 1,
@@ -600,3 +603,169 @@ def test_keep_existing_outputs_when_a_run_fails(tmp_path: Path):
     with pytest.raises(DatasetError, match=r"all.jsonl:5: invalid JSON"):
         run(get_dataset("hc3"), Options(out=out, source=bad))
     assert (out / "train.jsonl").read_text() == before
+
+
+# --- malformed and foreign inputs: one line, no traceback, non-zero exit, nothing written --------
+
+
+def _foreign_inputs(tmp: Path) -> dict[str, tuple[str, Path, str]]:
+    """id -> (script, --source, what the one-line error must say); the inputs an operator tried."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    alpaca = tmp / "alpaca_data.jsonl"
+    write_lines(rows_of(FIX / "alpaca" / "rows.jsonl"), alpaca)
+    not_utf8 = tmp / "latin1.json"  # a ShareGPT file saved as Latin-1: "café" is one byte 0xe9
+    not_utf8.write_bytes(b'[{"id": "a",\n  "conversations": [{"from": "human", "value": "caf\xe9"}]}]\n')
+    strings = tmp / "strings.json"
+    strings.write_text(json.dumps(["What is 2 + 2?", "4"]))
+    deep = tmp / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    dpo = tmp / "dpo.json"  # ShareGPT-style preference rows (LLaMA-Factory): the turns end with the user
+    dpo.write_text(
+        json.dumps(
+            [
+                {
+                    "conversations": [{"from": "human", "value": f"Question {i}?"}],
+                    "chosen": {"from": "gpt", "value": "A good answer."},
+                    "rejected": {"from": "gpt", "value": "A bad one."},
+                }
+                for i in range(3)
+            ]
+        )
+    )
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    return {
+        "json-not-utf8": (
+            "sharegpt",
+            not_utf8,
+            f"error: {not_utf8}: line 2, column 52: not UTF-8 (byte 0xe9)",
+        ),
+        "json-list-of-strings": (
+            "sharegpt",
+            strings,
+            f"error: {strings}[0]: expected a JSON object, got str",
+        ),
+        "json-nested-too-deeply": ("sharegpt", deep, f"error: {deep}: JSON nested too deeply to read"),
+        "dpo-to-sharegpt": (
+            "sharegpt",
+            dpo,
+            f"error: {dpo}: wrote nothing: all 3 rows read were skipped (does not end with an assistant "
+            f"message: 3, first at {dpo}[0]); is it in sharegpt's upstream format?",
+        ),
+        "empty-jsonl": ("dolly", empty, f"error: {empty}: wrote nothing: no rows to read (empty input)"),
+        "alpaca-to-mqa": (
+            "mqa",
+            alpaca,
+            f"error: {alpaca}: wrote nothing: all 3 rows read were skipped (no prompt/completion fields: 3, "
+            f"first at {alpaca}:1); is it in mqa's upstream format?",
+        ),
+        "alpaca-to-booksum": (
+            "booksum",
+            alpaca,
+            f"error: {alpaca}: wrote nothing: all 3 rows read were skipped (no prompt/completion fields: 3, "
+            f"first at {alpaca}:1); is it in booksum's upstream format?",
+        ),
+    }
+
+
+FOREIGN = [
+    "json-not-utf8", "json-list-of-strings", "json-nested-too-deeply", "dpo-to-sharegpt", "empty-jsonl",
+    "alpaca-to-mqa", "alpaca-to-booksum",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FOREIGN)
+def test_foreign_input_fails_in_one_line(case: str, tmp_path: Path):
+    name, source, message = _foreign_inputs(tmp_path / "in")[case]
+    out = tmp_path / "out"
+    proc = script(name, "--source", str(source), "--out", str(out))
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not out.exists()  # nothing written, not even an empty folder
+
+
+def test_foreign_inputs_are_all_covered(tmp_path: Path):
+    assert sorted(_foreign_inputs(tmp_path)) == sorted(FOREIGN)
+
+
+def test_nothing_kept_leaves_earlier_outputs(tmp_path: Path):
+    out = tmp_path / "out"
+    run(get_dataset("mqa"), Options(out=out, source=FIX / "mqa" / "rows.jsonl", val_fraction=0))
+    before = (out / "train.jsonl").read_text()
+    alpaca = FIX / "alpaca" / "rows.jsonl"
+    with pytest.raises(NothingKept, match=r"wrote nothing: all 3 rows read were skipped"):
+        run(get_dataset("mqa"), Options(out=out, source=alpaca, val_fraction=0))
+    assert (out / "train.jsonl").read_text() == before and (out / "val.jsonl").read_text() == ""
+
+
+def test_all_kept_rows_held_out_is_an_error(tmp_path: Path):
+    seed = next(s for s in range(1000) if in_val(s, "rows.jsonl", 0, 0.5))
+    src = FIX / "koalpaca" / "rows.jsonl"
+    with pytest.raises(NothingKept, match=r"wrote nothing: all 1 conversations kept fell in the held-out"):
+        run(
+            get_dataset("koalpaca"),
+            Options(out=tmp_path / "o", source=src, val_fraction=0.5, seed=seed, limit=1),
+        )
+
+
+def test_empty_val_split_is_written_with_a_warning(tmp_path: Path, capsys):
+    src = FIX / "koalpaca" / "rows.jsonl"
+    seed = next(s for s in range(1000) if not any(in_val(s, "rows.jsonl", i, 0.1) for i in range(2)))
+    argv = ["--source", str(src), "--out", str(tmp_path), "--val-fraction", "0.1", "--seed", str(seed)]
+    prepare(get_dataset("koalpaca"), argv)
+    captured = capsys.readouterr()
+    assert parse_summary(captured.out)[:3] == (2, 2, 0)
+    assert captured.err.strip() == (
+        f"warning: {tmp_path / 'val.jsonl'} is empty: none of the 2 rows fell in the held-out 0.1 share; "
+        "leave it out of val_files, or raise --val-fraction"
+    )
+    assert (tmp_path / "val.jsonl").read_text() == ""  # written, so an older val.jsonl does not linger
+    prepare(get_dataset("koalpaca"), ["--source", str(src), "--out", str(tmp_path), "--val-fraction", "0"])
+    assert capsys.readouterr().err == ""  # no held-out share asked for: nothing to warn about
+
+
+def test_reading_errors_name_the_line(tmp_path: Path):
+    good = json.dumps({"instruction": "a", "context": "", "response": "b"}) + "\n"
+    data = (good * 400).encode() + b'{"instruction": "caf\xe9"}\n'  # line 401, past the first read chunk
+    for name in ("rows.jsonl", "rows.jsonl.gz", "rows.jsonl.zst"):
+        write_lines([], path := tmp_path / name)
+        if name.endswith(".gz"):
+            path.write_bytes(gzip.compress(data))
+        elif name.endswith(".zst"):
+            import zstandard
+
+            path.write_bytes(zstandard.ZstdCompressor().compress(data))
+        else:
+            path.write_bytes(data)
+        with pytest.raises(DatasetError) as e:
+            list(iter_rows(path))
+        assert str(e.value) == f"{path}: line 401, column 21: not UTF-8 (byte 0xe9); re-encode it as UTF-8"
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(good + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(deep))}:2: JSON nested too deeply"):
+        list(iter_rows(deep))
+    bom = tmp_path / "bom.json"  # a byte-order mark, as Windows editors write, is not an error
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"a": 1}]).encode())
+    assert list(iter_rows(bom)) == [(f"{bom}[0]", {"a": 1})]
+    bom_lines = tmp_path / "bom.jsonl"
+    bom_lines.write_bytes(b"\xef\xbb\xbf" + good.encode() * 2)
+    assert [w for w, _ in iter_rows(bom_lines)] == [f"{bom_lines}:1", f"{bom_lines}:2"]
+
+
+def test_a_row_the_mapping_cannot_read_is_named(tmp_path: Path):
+    spec = DatasetSpec(
+        name="fragile",
+        repo="nobody/fragile",
+        files=("*.json",),
+        to_conversations=lambda row: [[Message("user", row["q"].strip())]],  # KeyError, AttributeError
+        description="a mapping that trusts its rows",
+    )
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps([{"x": 1}]))
+    message = _error(spec, src, tmp_path / "out")
+    assert message == (
+        f"error: {src}[0]: cannot map this row (KeyError: 'q'); is it in fragile's upstream format?"
+    )

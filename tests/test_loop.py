@@ -90,10 +90,11 @@ def _run(tmp_path: Path, tokenizer, **overrides) -> Run:
 
 @pytest.fixture
 def one_rank(monkeypatch):
-    """load_sets holds a barrier between rank 0 and the others; one rank has no one to wait for."""
+    """Collectives of one rank: load_sets' barrier and choose_resume's broadcast have no one to wait for."""
     import torch.distributed as dist
 
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda *a, **k: None)
 
 
 def _fit(run: Run, engine: FakeEngine):
@@ -129,6 +130,7 @@ def test_resumed_fit_continues_the_uninterrupted_stream(tmp_path, make_wordlevel
     tok = make_wordlevel_tokenizer()
     for d in ("a", "b/out/checkpoints/step2"):
         (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "b/out/checkpoints/step2/mp_rank_00_model_states.pt").write_bytes(b"saved")
     full = FakeEngine(tmp_path)
     _fit(_run(tmp_path / "a", tok), full)
     ckpt = tmp_path / "b" / "out" / "checkpoints"
@@ -146,3 +148,48 @@ def test_tokenized_cache_is_shared_by_both_fits(tmp_path, make_wordlevel_tokeniz
     tok = make_wordlevel_tokenizer()
     ts = tokenize_file(_data(tmp_path), tok, get_template("openchatkit", tok), 32, cache_dir=tmp_path)
     assert len(ts) == 24 and ts.stats.get("too_long", 0) == 0
+
+
+def test_a_finished_run_relaunched_trains_and_saves_nothing(tmp_path, make_wordlevel_tokenizer, one_rank):
+    run = _run(tmp_path, make_wordlevel_tokenizer(), resume="auto")
+    ckpt = run.out / "checkpoints" / "step4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"saved")
+    (ckpt.parent / "latest").write_text("step4")
+    (run.out / "final_metrics.json").write_text('{"loss": 1.5}')
+    engine = FakeEngine(tmp_path)
+    last, _ = _fit(run, engine)
+    assert last == {"loss": 1.5} and engine.steps == [] and not [c for c in engine.calls if c[0] == "save"]
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_save(tmp_path, make_wordlevel_tokenizer, one_rank):
+    from chatkit.train.context import RunError
+
+    class Diverging(FakeEngine):
+        def train_step(self, micro, count):
+            super().train_step(micro, count)
+            return float("nan") if len(self.steps) == 2 else 1.0
+
+    run = _run(tmp_path, make_wordlevel_tokenizer(), save_every=1)
+    engine = Diverging(tmp_path)
+    with pytest.raises(RunError, match="the loss is nan at step 2") as e:
+        _fit(run, engine)
+    assert e.value.all_ranks
+    assert [c[:2] for c in engine.calls if c[0] == "save"] == [("save", 1)]  # step 2 never saved
+    assert not (run.out / "final_metrics.json").exists()
+
+
+def test_a_resumed_run_drops_the_rows_logged_after_its_checkpoint(
+    tmp_path, make_wordlevel_tokenizer, one_rank
+):
+    run = _run(tmp_path, make_wordlevel_tokenizer(), resume="auto")
+    ckpt = run.out / "checkpoints" / "step2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"saved")
+    (ckpt.parent / "latest").write_text("step2")
+    # the interrupted run had logged steps 1-3 (killed after step 3, last checkpoint at 2)
+    rows = [{"step": s, "loss": 9.0, "lr": 1e-3} for s in (1, 2, 3)] + [{"step": 3, "val_loss": 9.0}]
+    (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _fit(run, FakeEngine(tmp_path))
+    steps = [json.loads(x)["step"] for x in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [1, 2] and steps.count(3) == 1 and steps[-1] == 4

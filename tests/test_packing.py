@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import chatkit.data
 from chatkit.conversation import ConversationError, Message
 from chatkit.data import (
     Batches,
@@ -25,6 +26,7 @@ from chatkit.templates import get_template
 from chatkit.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 
 OCK = get_template("openchatkit")
+_REAL_CHUNK = chatkit.data._tokenize_chunk  # before any test replaces it
 
 
 def test_data_source_parses_weights():
@@ -233,3 +235,76 @@ def test_bad_line_names_file_and_line_even_in_workers(bpe_tokenizer, tmp_path, p
     src.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConversationError, match=r"d\.jsonl:551: messages\[0\]\.role"):
         tokenize_file(str(src), bpe_tokenizer, OCK, 128, num_proc=procs, cache_dir=tmp_path)
+
+
+def test_a_damaged_cache_entry_is_tokenized_again(bpe_tokenizer, tmp_path, caplog_loguru):
+    src = _write(tmp_path / "d.jsonl", _convs(20))
+    first = tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c")
+    (entry,) = (tmp_path / "c").glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a kill or a full disk mid-write
+    again = tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c")
+    assert (again.tokens == first.tokens).all() and (again.offsets == first.offsets).all()
+    assert any("damaged tokenization cache entry" in m for m in caplog_loguru)
+    tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c")  # and the new entry reads
+
+
+def test_a_line_that_is_not_utf8_is_named(bpe_tokenizer, tmp_path):
+    src = _write(tmp_path / "d.jsonl", _convs(3))
+    src.write_bytes(src.read_bytes() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(ConversationError, match=r"d\.jsonl:4: not UTF-8 text \(byte 0xe9 at column 47\)"):
+        tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path)
+
+
+def test_an_oversized_message_is_never_tokenized(bpe_tokenizer, monkeypatch):
+    """A row far longer than max_length tokens could ever hold is judged by its length alone: the
+    tokenizer never sees it (a 50 MB row once grew a worker to 20 GB)."""
+    import chatkit.data as data
+
+    seen: list[int] = []
+    real = data.encode_conversation
+
+    def spy(tokenizer, template, messages):
+        seen.append(max(len(m.content) for m in messages))
+        return real(tokenizer, template, messages)
+
+    monkeypatch.setattr(data, "encode_conversation", spy)
+    huge = "word " * 400_000  # 2 MB
+    conv = [
+        Message("user", "hi"),
+        Message("assistant", "hello"),
+        Message("user", huge),
+        Message("assistant", "ok"),
+    ]
+    assert fit_conversation(bpe_tokenizer, OCK, conv, 128, "drop") == (None, "too_long")
+    enc, outcome = fit_conversation(bpe_tokenizer, OCK, conv, 128, "truncate")
+    assert (
+        outcome == "truncated"
+        and enc.input_ids == encode_conversation(bpe_tokenizer, OCK, conv[:2]).input_ids
+    )
+    assert fit_conversation(
+        bpe_tokenizer, OCK, [Message("user", huge), Message("assistant", "x")], 128, "truncate"
+    ) == (
+        None,
+        "too_long",
+    )
+    assert seen and max(seen) < 100  # only the short prefix was ever encoded
+
+
+def _dies_on_the_second_chunk(args):
+    """A tokenizer worker killed from outside (as the OOM killer would) on the chunk from line 9."""
+    import os
+
+    if args[1] > 1:
+        os._exit(137)
+    return _REAL_CHUNK(args)
+
+
+def test_a_dead_tokenizer_worker_stops_the_run_naming_the_lines(bpe_tokenizer, tmp_path, monkeypatch):
+    """The OOM killer ends a worker: the run stops with a message instead of waiting forever."""
+    import chatkit.data as data
+
+    monkeypatch.setattr(data, "_tokenize_chunk", _dies_on_the_second_chunk)  # forked workers inherit it
+    monkeypatch.setattr(data, "CHUNK", 8)
+    src = _write(tmp_path / "d.jsonl", _convs(40))
+    with pytest.raises(ConversationError, match=r"d\.jsonl:9-16: a tokenizer process died"):
+        tokenize_file(str(src), bpe_tokenizer, OCK, 128, num_proc=2, cache_dir=tmp_path)

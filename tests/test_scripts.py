@@ -161,9 +161,13 @@ def test_dry_run_default_counts_the_gpus(capsys, monkeypatch):
         assert f"--num_gpus {torch.cuda.device_count()} " in cmd
 
 
-def test_dry_run_hostfile(capsys, monkeypatch):
-    cmd = _dry_run(capsys, monkeypatch, "--hostfile", "h", "--node-rank", "1", "--master-addr", "10.0.0.1")
-    assert "--hostfile h " in cmd
+def test_dry_run_hostfile(capsys, monkeypatch, tmp_path):
+    hosts = tmp_path / "h"
+    hosts.write_text("node-a slots=2\nnode-b slots=2\n")
+    cmd = _dry_run(
+        capsys, monkeypatch, "--hostfile", str(hosts), "--node-rank", "1", "--master-addr", "10.0.0.1"
+    )
+    assert f"--hostfile {hosts} " in cmd
     assert "--node_rank 1 " in cmd
     assert "--no_ssh " in cmd
     assert "--master_addr 10.0.0.1 " in cmd

@@ -148,6 +148,131 @@ def test_sigkill_while_saving_keeps_last_good_checkpoint(root, reference):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+SAME_AS_REFERENCE = ("micro_batch_size=2", "save_every=2", *EVAL)
+
+
+@pytest.fixture(scope="module")
+def interrupted(root) -> Path:
+    """A run killed at step 5: complete checkpoints step2 and step4, `latest` naming step4."""
+    launch(root, "interrupted", *SAME_AS_REFERENCE, f"val_files=[{root / 'val.jsonl'}]",
+           env={"CHATKIT_FAULT": "step:5"}, ok=False)  # fmt: skip
+    assert (root / "interrupted" / "checkpoints" / "latest").read_text() == "step4"
+    return root / "interrupted"
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "latest names no folder"])
+def test_a_damaged_latest_checkpoint_is_bypassed_and_named(root, reference, interrupted, damage):
+    import shutil
+
+    name = "damaged-" + damage.replace(" ", "-")
+    run = root / name
+    shutil.copytree(interrupted, run)
+    ckpts = run / "checkpoints"
+    if damage == "truncated shard":
+        shard = ckpts / "step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        expected = ("step4 is damaged", "optim_states.pt has", "resuming from step2 instead", "at step 2")
+    else:
+        (ckpts / "latest").write_text("step8")
+        expected = ("step8 is damaged", "does not exist", "resuming from step4 instead", "at step 4")
+    r = launch(root, name, *SAME_AS_REFERENCE, f"val_files=[{root / 'val.jsonl'}]", "resume=auto")
+    out = r.stdout + r.stderr
+    assert all(e in out for e in expected), out[-3000:]
+    assert losses(run)[6] == pytest.approx(losses(reference)[6], abs=1e-6)  # the resume was exact
+    wa, wb = load_deepspeed_weights(reference / "checkpoints"), load_deepspeed_weights(ckpts)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_a_kill_while_a_step_is_saved_again_loses_nothing(root, reference):
+    """A run resumed from step4 of a finished run saves step6 again. Killed after the old step6 was
+    moved aside and before the new one took its place, `latest` names a folder that is not there:
+    the next launch completes the save, sees the run has ended, trains nothing and rewrites nothing."""
+    import shutil
+
+    run = root / "resaved"
+    shutil.copytree(reference, run)
+    ckpts = run / "checkpoints"
+    args = (*SAME_AS_REFERENCE, f"val_files=[{root / 'val.jsonl'}]")
+    launch(root, "resaved", *args, f"resume={ckpts / 'step4'}", env={"CHATKIT_FAULT": "replace:6"}, ok=False)
+    assert (ckpts / "latest").read_text() == "step6" and not (ckpts / "step6").exists()
+    assert (ckpts / ".replaced-step6").is_dir() and (ckpts / ".tmp-step6" / "manifest.json").is_file()
+    r = launch(root, "resaved", *args, "resume=auto")
+    out = r.stdout + r.stderr
+    assert "completed the interrupted save of step6" in out and "already ended at step 6" in out
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step2", "step4", "step6"]
+    files = {p: p.stat().st_mtime_ns for p in (ckpts / "step6").iterdir()}
+    launch(root, "resaved", *args, "resume=auto")  # once more: the final checkpoint is left alone
+    assert files == {p: p.stat().st_mtime_ns for p in (ckpts / "step6").iterdir()}
+    wa, wb = load_deepspeed_weights(reference / "checkpoints"), load_deepspeed_weights(ckpts)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert not (ckpts / "zero_to_fp32.py").exists()  # DeepSpeed's unsafe converter is not left beside them
+
+
+def _processes_of(marker: str) -> list[int]:
+    """PIDs whose command line mentions `marker` (a run's unique output folder)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_two_runs_in_one_output_dir_the_second_is_refused(root):
+    """The second run stops before writing anything; the first goes on; once the first is dead (its
+    lock dies with it, no file to delete by hand) a new run takes the folder over."""
+    import signal
+    import time
+
+    out = root / "shared-dir"
+    cmd = [
+        sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={root / 'base'}",
+        f"train_files=[{root / 'train.jsonl'}]", f"output_dir={out}", f"cache_dir={root / 'cache'}",
+        "max_steps=100000", "log_every=1", "max_length=128", "--cpu-ranks", "1", "--master-port", "0",
+    ]  # fmt: skip
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert first.poll() is None and time.monotonic() < deadline, (
+                "the first run did not start training"
+            )
+            time.sleep(0.5)
+        rows = len((out / "metrics.jsonl").read_text().splitlines())
+        second = launch(root, "shared-dir", ok=False)
+        out_text = second.stdout + second.stderr
+        assert "error: output_dir" in out_text and "is in use by another run (pid" in out_text, out_text[
+            -2000:
+        ]
+        assert "Traceback" not in out_text
+        assert first.poll() is None  # the first run goes on, its files untouched by the second
+        assert len((out / "metrics.jsonl").read_text().splitlines()) >= rows
+    finally:
+        for pid in _processes_of(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    launch(root, "shared-dir", "max_steps=1")  # the dead run's lock is gone with it
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(root, tmp_path):
+    """Found when the run starts, not at its first checkpoint after hours of work. (A chmod-ed folder
+    would not do: tests run as root here; a path through a file fails the same way for everyone.)"""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = subprocess.run(
+        [sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={root / 'base'}",
+         f"train_files=[{root / 'train.jsonl'}]", f"output_dir={blocker / 'run'}", f"cache_dir={root / 'cache'}",
+         "--cpu-ranks", "1", "--master-port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and f"output_dir {blocker / 'run'} is not writable" in out, out[-2000:]
+    assert "Traceback" not in out
+
+
 class _RunsCode:
     """Unpickling this calls os.system: what a tampered checkpoint could do to a resuming run."""
 
@@ -170,10 +295,23 @@ def test_resume_runs_no_code_from_a_tampered_checkpoint(root, reference, tmp_pat
     torch.load(optim, weights_only=False)  # the file is armed: a plain load runs its command
     assert (tmp_path / "by-resume").exists()
     (tmp_path / "by-resume").unlink()
+    # as saved, the file no longer matches step6's manifest: resume would fall back to step4 without
+    # reading it; an attacker who also rewrites the manifest gets the file read, and refused
+    from chatkit.train.manifest import write_manifest
+
+    write_manifest(run / "checkpoints" / "step6")
 
     r = launch(root, "tampered", "micro_batch_size=2", "resume=auto", ok=False)
     assert not (tmp_path / "by-resume").exists()
-    assert "Weights only load failed" in r.stdout + r.stderr and "posix.system" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert (
+        "error: resume: " in out
+        and "refused" in out
+        and "posix.system" in out
+        and "nothing from it was run" in out
+    ), out[-3000:]
+    assert "weights_only=False" not in out  # torch's advice to load it unsafely is not passed on
+    assert "Traceback" not in out and "another rank stopped" in out
 
 
 def test_lora_leaves_base_weights_untouched(root):

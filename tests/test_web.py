@@ -163,3 +163,80 @@ def test_page_leaves_out_the_oldest_turns_when_the_chat_outgrows_the_context(
         ["assistant", tiny_engine.reply(history, params)],
     ]
     assert tiny_engine.reply(history, params) == tiny_engine.reply(history[2:], params)
+
+
+class CountingEngine:
+    """The tiny engine, counting the generations it starts."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine, self.generations = engine, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def stream(self, *args, **kwargs):
+        self.generations += 1
+        return self.engine.stream(*args, **kwargs)
+
+    def complete(self, *args, **kwargs):
+        self.generations += 1
+        return self.engine.complete(*args, **kwargs)
+
+
+ATTACK = """<!doctype html><title>elsewhere</title>
+<form id="f" method="POST" enctype="text/plain" action="{api}">
+<input name='{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 2, "x": "' value='"}}'>
+</form>
+<script>
+fetch("{api}", {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}},
+  body: JSON.stringify({{messages: [{{role: "user", content: "hi"}}], max_tokens: 2}})}})
+  .finally(() => {{ document.title = "sent"; setTimeout(() => document.getElementById("f").submit(), 0); }});
+</script>"""
+
+
+def test_a_page_on_another_site_cannot_run_a_generation(browser, tiny_engine: ChatEngine, tmp_path: Path):
+    """The attack on the keyless default: a page elsewhere makes the browser POST to the API, by
+    fetch (no-cors, text/plain) and by a text/plain form whose body is JSON. Both are refused (the
+    browser says where the page comes from) and no generation runs; the API itself still works."""
+    import functools
+    import http.server
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from chatkit.serve import ServerConfig, create_app
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    engine = CountingEngine(tiny_engine)
+    port = free_port()
+    config = ServerConfig("tiny", GenerationParams(max_new_tokens=2, sample=False))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    threading.Thread(target=server.run, daemon=True).start()
+    api = f"http://127.0.0.1:{port}/v1/chat/completions"
+    (tmp_path / "index.html").write_text(ATTACK.format(api=api))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.2", 0), handler)  # another host, on loopback
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        browser.get(f"http://127.0.0.2:{elsewhere.server_address[1]}/index.html")
+        # The form's answer, shown as the browser navigates to it: a refusal, or (unguarded) a reply.
+        WebDriverWait(browser, 60).until(lambda d: '"error"' in d.page_source or '"choices"' in d.page_source)
+        assert "cross_site_request" in browser.page_source
+        assert engine.generations == 0
+        r = httpx.post(api, json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+        assert r.status_code == 200 and engine.generations == 1  # the counter counts
+    finally:
+        elsewhere.shutdown()
+        server.should_exit = True

@@ -7,10 +7,12 @@ Settings come from the YAML recipe, then `key=value` overrides (see chatkit/conf
 """
 
 import argparse
+import os
 import sys
 import warnings
 
 from chatkit.config import ConfigError, load_config
+from chatkit.train.context import RunError
 from chatkit.train.distributed import shutdown_distributed
 from chatkit.train.run import train
 
@@ -33,7 +35,22 @@ def main() -> None:
         cfg = load_config(args.config, [*args.overrides, *extra])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    train(cfg)
+    try:
+        train(cfg)
+    except RunError as e:
+        if not e.all_ranks or int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if e.all_ranks:  # every rank is here: leave the process group together
+            shutdown_distributed()
+        sys.exit(1)
+    except RuntimeError as e:  # a collective whose peer is gone: that rank said why, above
+        if not any(s in str(e) for s in ("closed by peer", "reset by peer")):
+            raise
+        print(
+            f"error: rank {os.environ.get('RANK', '?')}: another rank stopped (its error is above)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     shutdown_distributed()
 
 

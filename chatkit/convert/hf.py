@@ -98,6 +98,9 @@ def export_hf(
     meta = read_meta(tag_dir)
     template_name = template or meta["template"]
     config = AutoConfig.from_pretrained(tag_dir)
+    # A QLoRA checkpoint's config still says 4-bit; the export is merged full-precision weights.
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
     if architecture and config.model_type != architecture:
         raise ValueError(f"{tag_dir}: a {config.model_type} checkpoint, not {architecture}")
     tokenizer = AutoTokenizer.from_pretrained(tag_dir)

@@ -26,6 +26,21 @@ def deepspeed_safe_globals() -> list[Any]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+class UnsafeFileError(ValueError):
+    """A pickled file that holds more than tensors (code, or objects of unknown classes): refused."""
+
+
+def _refused(path: str | Path, e: pickle.UnpicklingError) -> UnsafeFileError:
+    """torch's message ends advising weights_only=False, the one thing not to do with such a file."""
+    # torch names the refused global in one of its message's lines ("Unsupported global: GLOBAL x.y",
+    # or "Trying to load unsupported GLOBAL x.y whose module x is blocked"), depending on the case
+    what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+    return UnsafeFileError(
+        f"{path}: refused: the file holds pickled objects that are not tensors"
+        f"{f' ({what})' if what else ''}, which could run code; nothing from it was run"
+    )
+
+
 def load_weights_only(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """Read a pickled checkpoint file without running any code from it (DeepSpeed's own load signature).
 
@@ -35,9 +50,12 @@ def load_weights_only(path: str | Path, map_location: Any = "cpu", mmap: bool = 
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "deepspeed" not in str(e):
-            raise
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            raise _refused(path, e) from None
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise _refused(path, e) from None
 
 
 def torch_load_safe(path: str | Path) -> Any:

@@ -15,7 +15,7 @@ from chatkit.datasets.spec import DatasetSpec, Messages, Skip, assistant, field,
 
 
 def to_conversations(row: dict) -> list[Messages]:
-    if "prompt" not in row or "completion" not in row:
+    if isinstance(row, dict) and ("prompt" not in row or "completion" not in row):
         raise Skip("no prompt/completion fields")
     return [[user(field(row, "prompt")), assistant(field(row, "completion"))]]
 

@@ -8,7 +8,9 @@ atomically and prints the counts: rows read, conversations written, skips by rea
 
 Nothing is dropped silently: a row a mapping cannot use is a counted skip with its reason (and
 the first place it happened); a row that breaks the upstream's own format stops the run with
-its file, line or index, and field.
+its file, line or index, and field. A run that would leave train.jsonl empty (an empty input, every
+row skipped, e.g. a file in another dataset's format) fails, naming why, and writes nothing. An
+empty val.jsonl (no row fell in the held-out share) is written with a warning on stderr.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import textwrap
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -122,6 +124,10 @@ def _map_row(spec: DatasetSpec, row: Any, where: str, keep_rejected: bool, count
         return
     except RowError as e:
         raise DatasetError(f"{where}: {e}") from None
+    except Exception as e:  # a row the mapping cannot read at all: name it instead of a traceback
+        raise DatasetError(
+            f"{where}: cannot map this row ({type(e).__name__}: {e}); is it in {spec.name}'s upstream format?"
+        ) from e
     for source, prefix, messages in mapped:
         obj = _validated(messages, source, where) if messages else None
         reason = problem(messages)
@@ -143,25 +149,89 @@ def source_files(spec: DatasetSpec, opts: Options) -> list[Path]:
     return find_files(download(spec, patterns), patterns)
 
 
+class NothingKept(DatasetError):
+    """A run that leaves train.jsonl empty; nothing is written, so earlier outputs stay as they were."""
+
+    def __init__(self, message: str, counts: Counts):
+        super().__init__(message)
+        self.counts = counts
+
+
+def _nothing_kept(spec: DatasetSpec, opts: Options, files: list[Path], counts: Counts) -> str:
+    """Why train.jsonl would be empty, in one line naming the input and the skips."""
+    src = str(files[0]) if len(files) == 1 else f"{opts.source or spec.repo} ({len(files)} files)"
+    if counts.rows == 0:
+        return f"{src}: wrote nothing: no rows to read (empty input)"
+    if counts.written == 0:
+        reasons = "; ".join(
+            f"{reason}: {n}, first at {counts.first_skip[reason]}"
+            for reason, n in counts.skipped.most_common()
+        )
+        rows = "the only row read was" if counts.rows == 1 else f"all {counts.rows} rows read were"
+        return (
+            f"{src}: wrote nothing: {rows} skipped ({reasons or 'no conversation in them'}); "
+            f"is it in {spec.name}'s upstream format? (data/{spec.name}/README.md)"
+        )
+    return (
+        f"{src}: wrote nothing: all {counts.val} conversations kept fell in the held-out split "
+        f"(--val-fraction {opts.val_fraction}); lower it or read more rows"
+    )
+
+
+def _fill(
+    spec: DatasetSpec,
+    opts: Options,
+    files: list[Path],
+    counts: Counts,
+    train: IO[str],
+    val: IO[str],
+    stack: ExitStack,
+) -> None:
+    for path in files:
+        rows = stack.enter_context(closing(iter_rows(path)))  # closes the file when --limit stops early
+        for index, (where, row) in enumerate(tqdm(rows, desc=path.name, unit=" rows", disable=None)):
+            if opts.limit is not None and counts.rows >= opts.limit:
+                return
+            counts.rows += 1
+            held_out = in_val(opts.seed, path.name, index, opts.val_fraction)
+            for obj in _map_row(spec, row, where, opts.keep_rejected, counts):
+                _write(val if held_out else train, obj)
+                counts.val += held_out
+                counts.train += not held_out
+
+
 def run(spec: DatasetSpec, opts: Options) -> Counts:
-    """Read, map, validate, split and write; returns the counts. Raises DatasetError on bad input."""
+    """Read, map, validate, split and write; returns the counts.
+
+    Raises DatasetError on bad input, and NothingKept (a DatasetError) when no conversation would go
+    to train.jsonl: an empty input, every row skipped (most often a file in another format), or all
+    of them held out. Either way nothing is written and earlier outputs stay."""
     files = source_files(spec, opts)
     counts = Counts()
-    with ExitStack() as stack:
-        train = stack.enter_context(atomic_open(opts.out / "train.jsonl"))
-        val = stack.enter_context(atomic_open(opts.out / "val.jsonl"))
-        for path in files:
-            rows = stack.enter_context(closing(iter_rows(path)))  # closes the file when --limit stops early
-            for index, (where, row) in enumerate(tqdm(rows, desc=path.name, unit=" rows", disable=None)):
-                if opts.limit is not None and counts.rows >= opts.limit:
-                    return counts
-                counts.rows += 1
-                held_out = in_val(opts.seed, path.name, index, opts.val_fraction)
-                for obj in _map_row(spec, row, where, opts.keep_rejected, counts):
-                    _write(val if held_out else train, obj)
-                    counts.val += held_out
-                    counts.train += not held_out
+    made = not opts.out.exists()
+    try:
+        with ExitStack() as stack:
+            train = stack.enter_context(atomic_open(opts.out / "train.jsonl"))
+            val = stack.enter_context(atomic_open(opts.out / "val.jsonl"))
+            _fill(spec, opts, files, counts, train, val, stack)
+            if counts.train == 0:  # raised inside the block, so neither file replaces what was there
+                raise NothingKept(_nothing_kept(spec, opts, files, counts), counts)
+    except BaseException:
+        if made:  # leave no empty output folder behind either
+            with suppress(OSError):
+                opts.out.rmdir()
+        raise
     return counts
+
+
+def empty_val_warning(opts: Options, counts: Counts) -> str | None:
+    """A held-out share was asked for but no row fell in it: val.jsonl is written empty."""
+    if counts.val or not opts.val_fraction:
+        return None
+    return (
+        f"warning: {opts.out / 'val.jsonl'} is empty: none of the {counts.rows} rows fell in the held-out "
+        f"{opts.val_fraction:g} share; leave it out of val_files, or raise --val-fraction"
+    )
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -257,8 +327,12 @@ def prepare(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Counts:
         counts = run(spec, opts)
     except (DatasetError, ConversationError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # the output folder cannot be made or written
+        sys.exit(f"error: cannot write {opts.out}: {e}")
     for reason, where in counts.first_skip.items():
         print(f"{reason}: first skipped at {where}")
     print(f"wrote {opts.out / 'train.jsonl'} and {opts.out / 'val.jsonl'}")
+    if warning := empty_val_warning(opts, counts):
+        print(warning, file=sys.stderr)
     print(counts.summary())
     return counts

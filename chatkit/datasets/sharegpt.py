@@ -11,7 +11,7 @@ questions are not trimmed, so nothing is dropped unseen).
 from __future__ import annotations
 
 from chatkit.conversation import Message
-from chatkit.datasets.spec import DatasetSpec, Messages, RowError, Skip
+from chatkit.datasets.spec import DatasetSpec, Messages, RowError, Skip, field
 
 ROLES = {
     "human": "user",
@@ -24,9 +24,7 @@ ROLES = {
 
 
 def to_conversations(row: dict) -> list[Messages]:
-    turns = row.get("conversations")
-    if not isinstance(turns, list):
-        raise RowError(f"field 'conversations': expected list, got {type(turns).__name__}")
+    turns = field(row, "conversations", list)  # RowError for a row that is not an object, too
     messages = []
     for i, turn in enumerate(turns):
         speaker, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)

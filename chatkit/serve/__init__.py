@@ -6,12 +6,14 @@ Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both with `strea
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /v1/models`,
 `GET /health`. One worker thread runs one generation at a time, in arrival order, so concurrent
 clients each get their own, unmixed answer. A stream whose client goes away is cancelled.
-Bad requests get a 4xx with an OpenAI-shaped `{"error": {"message": ...}}` body.
+Bad requests get a 4xx with an OpenAI-shaped `{"error": {"message": ...}}` body. Only Host headers
+naming this server are answered, cross-site POSTs are refused, bodies must be JSON and at most
+`ServerConfig.max_body` bytes, and parsing and tokenizing happen off the event loop.
 
 The parts: `protocol` (request bodies, their checks, `ApiError`), `worker` (the generation thread),
-`responses` (JSON and server-sent answers), `state` (`ServerConfig`, the shared state and the FastAPI
-dependencies that hand it to routes and check the API key), `routes` (the routers), `app`
-(`create_app`) and `cli` (`main`).
+`responses` (JSON and server-sent answers), `guard` (the Host and Origin checks), `state`
+(`ServerConfig`, the shared state and the FastAPI dependencies that hand it to routes, check the API
+key and read bodies), `routes` (the routers), `app` (`create_app`) and `cli` (`main`).
 """
 
 from chatkit.serve.app import create_app

@@ -18,6 +18,9 @@ from chatkit.conversation import Message
 OPENAI_COMPLETION_DEFAULT = 16
 """OpenAI's default `max_tokens` for /v1/completions (chat uses the server's default instead)."""
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds torch's generator takes (a 64-bit integer, signed or not); others would fail in the worker."""
+
 
 class ApiError(Exception):
     """Answered as {"error": {...}} with this HTTP status (OpenAI's shape, so its clients raise
@@ -50,7 +53,7 @@ class OpenAIRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream_options: dict[str, Any] | None = None
 
     @property
@@ -97,19 +100,50 @@ def _validation_message(e: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _bad_text(obj: Any) -> str | None:
+    """The place of the first string (key or value) that is not Unicode text, or None. JSON's
+    escapes can spell half of a surrogate pair, which no tokenizer or UTF-8 encoder takes; a walk
+    with its own stack, as the object may be nested as deep as the parser allowed."""
+    todo: list[tuple[Any, str]] = [(obj, "body")]
+    while todo:
+        item, where = todo.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where
+        elif isinstance(item, dict):
+            todo.extend((k, where) for k in item)
+            todo.extend((v, f"{where}.{k}") for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((v, f"{where}.{i}") for i, v in enumerate(item))
+    return None
+
+
 def parse_body(body: bytes, model: type[_Body]) -> _Body:
-    """The body as `model`, whatever its Content-Type (curl's default form type included), or a 400
-    naming the first problem: clearer than FastAPI's 422 list, and in OpenAI's error shape."""
+    """The body (JSON) as `model`, or a 400 naming the first problem: clearer than FastAPI's 422
+    list, and in OpenAI's error shape. CPU-bound on a large body: call it off the event loop."""
     try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "the body must be a JSON object")
+    if (where := _bad_text(obj)) is not None:
+        raise ApiError(400, f"{where.removeprefix('body.')}: not valid Unicode text (a lone surrogate)")
     try:
         return model.model_validate(obj)
     except ValidationError as e:
         raise ApiError(400, _validation_message(e)) from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
 
 
 def to_messages(req: ChatRequest) -> list[Message]:

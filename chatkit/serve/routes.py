@@ -1,20 +1,22 @@
 """The routes: the OpenAI-compatible API under /v1 (API key required), the page and /health.
 
-Each route checks its request completely (a 4xx before anything is queued), then hands one
+Each route checks its request completely (a 4xx before anything is queued; parsing, retrieval and
+tokenizing on the `ServerState.off_loop` threads, so the event loop goes on serving), then hands one
 generation to the worker and shapes its pieces with `respond`.
 """
 
-import asyncio
 from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import HTMLResponse
 
-from chatkit.chat import with_context
+from chatkit.chat import ChatEngine, ContextProvider, with_context
 from chatkit.serve.protocol import (
     OPENAI_COMPLETION_DEFAULT,
     ApiError,
+    ChatRequest,
+    CompletionRequest,
     generation_params,
     max_tokens,
     parse_stops,
@@ -27,10 +29,12 @@ from chatkit.serve.state import (
     Engine,
     Generation,
     Retrieval,
+    ServerConfig,
     Settings,
     State,
     require_api_key,
 )
+from chatkit.serve.worker import Run
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 """OpenAI's API; every route here requires the API key when one is set."""
@@ -39,26 +43,22 @@ site = APIRouter()
 """The chat page and the health check: open, so a browser can load the page and ask for the key."""
 
 
-@api.post("/chat/completions")
-async def chat_completions(
-    req: ChatBody, engine: Engine, settings: Settings, worker: Generation, retrieval: Retrieval
-) -> Response:
-    """A reply to the conversation, refused (400 context_length_exceeded) if it does not fit."""
+def _chat_job(
+    req: ChatRequest, engine: ChatEngine, settings: ServerConfig, retrieval: ContextProvider | None
+) -> Run:
+    """The checked generation for a chat request. Retrieval (embedding, search) and measuring the
+    prompt (tokenizing it) cost CPU in proportion to the request: called off the event loop."""
     messages, stops = to_messages(req), parse_stops(req)
-    if retrieval is not None:  # embedding + search: off the event loop
-        messages = with_context(messages, await asyncio.to_thread(retrieval, messages))
+    if retrieval is not None:
+        messages = with_context(messages, retrieval(messages))
     prompt_len = engine.prompt_length(messages)
     n = max_tokens(req.requested_tokens, settings.defaults.max_new_tokens, prompt_len, engine.context_length)
     params = generation_params(req, settings.defaults, n)
-    job = worker.start(partial(engine.stream, messages, params, req.seed, stop=stops))
-    return await respond(req, job, settings.model_name, chat=True)
+    return partial(engine.stream, messages, params, req.seed, stop=stops)
 
 
-@api.post("/completions")
-async def completions(
-    req: CompletionBody, engine: Engine, settings: Settings, worker: Generation
-) -> Response:
-    """A continuation of one raw text prompt (no chat template)."""
+def _completion_job(req: CompletionRequest, engine: ChatEngine, settings: ServerConfig) -> tuple[Run, str]:
+    """The checked generation for a text completion and its prompt (off the event loop, as `_chat_job`)."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise ApiError(400, "prompt: exactly one prompt per request", "prompt")
@@ -68,7 +68,26 @@ async def completions(
         raise ApiError(400, "prompt: must not be empty", "prompt")
     n = max_tokens(req.max_tokens, OPENAI_COMPLETION_DEFAULT, prompt_len, engine.context_length)
     params = generation_params(req, settings.defaults, n)
-    job = worker.start(partial(engine.complete, prompt, params, req.seed, stop=stops))
+    return partial(engine.complete, prompt, params, req.seed, stop=stops), prompt
+
+
+@api.post("/chat/completions")
+async def chat_completions(
+    req: ChatBody, state: State, engine: Engine, settings: Settings, worker: Generation, retrieval: Retrieval
+) -> Response:
+    """A reply to the conversation, refused (400 context_length_exceeded) if it does not fit."""
+    run = await state.off_loop(_chat_job, req, engine, settings, retrieval)
+    job = worker.start(run)
+    return await respond(req, job, settings.model_name, chat=True)
+
+
+@api.post("/completions")
+async def completions(
+    req: CompletionBody, state: State, engine: Engine, settings: Settings, worker: Generation
+) -> Response:
+    """A continuation of one raw text prompt (no chat template)."""
+    run, prompt = await state.off_loop(_completion_job, req, engine, settings)
+    job = worker.start(run)
     return await respond(req, job, settings.model_name, chat=False, head=prompt if req.echo else "")
 
 

@@ -1,13 +1,15 @@
 """Checkpoints that survive crashes, with retention and `resume=auto`.
 
-A checkpoint is written under a temporary tag, then renamed to `stepN` and only then recorded in
-`latest` (itself replaced atomically): a crash at any point leaves `latest` on the previous complete
-checkpoint. Resuming restores weights, optimizer, scheduler, random state and the position in the
+A checkpoint is written under a temporary tag, recorded in a manifest (each file's size and sha256),
+renamed to `stepN` and only then recorded in `latest` (itself replaced atomically): a crash at any
+point leaves `latest` on a complete checkpoint. Resuming verifies the manifest and falls back to the
+newest complete checkpoint, saying why. Resuming restores weights, optimizer, scheduler, random state and the position in the
 data stream, so an interrupted run ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -18,8 +20,10 @@ import torch
 from loguru import logger
 
 from chatkit.config import TrainConfig, save_config
-from chatkit.convert.safe import load_weights_only
-from chatkit.io import atomic_open, write_json
+from chatkit.convert.safe import UnsafeFileError, load_weights_only
+from chatkit.io import atomic_open, read_meta, write_json
+from chatkit.train.context import RunError
+from chatkit.train.manifest import MANIFEST, check_manifest, write_manifest
 
 STEP_DIR = re.compile(r"^step(\d+)$")
 
@@ -29,19 +33,119 @@ def checkpoint_root(cfg: TrainConfig) -> Path:
 
 
 def find_resume(cfg: TrainConfig) -> tuple[Path, str] | None:
-    """(root, tag) to resume from, or None to start fresh."""
+    """(root, tag) of the newest complete checkpoint to resume from, or None to start fresh.
+
+    `resume=auto` and a checkpoints folder take the tag `latest` names when it is complete (every file
+    as its manifest recorded), else the newest complete `stepN`, saying why; a tag folder given by
+    path must be complete itself. No collectives: rank 0 decides (see `choose_resume`).
+    """
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
         root = checkpoint_root(cfg)
-        latest = root / "latest"
-        return (root, latest.read_text().strip()) if latest.is_file() else None
+        return newest_complete(root) if root.is_dir() else None
     path = Path(cfg.resume)
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
+    if (path / "latest").is_file() or _step_dirs(path):
+        found = newest_complete(path)
+        if found is None:
+            raise RunError(f"resume: no checkpoint in {path}")
+        return found
     if path.is_dir():
+        problem = check_manifest(path)
+        if problem:
+            raise RunError(f"resume: checkpoint {path} is damaged: {problem}")
         return path.parent, path.name
-    raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume!r}")
+    raise RunError(f"resume: no checkpoint at {cfg.resume!r}")
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """`stepN` folders, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def finish_interrupted_save(root: Path) -> None:
+    """Complete a save that a crash cut short between its renames (see `publish`): a `.tmp-stepN`
+    with a verified manifest becomes `stepN`; a `.replaced-stepN` goes back if `stepN` is gone."""
+    for tmp in root.glob(".tmp-step*"):
+        final = root / tmp.name.removeprefix(".tmp-")
+        if not final.exists() and (tmp / MANIFEST).is_file() and check_manifest(tmp) is None:
+            os.replace(tmp, final)
+            logger.warning(f"resume: completed the interrupted save of {final.name}")
+    for old in root.glob(".replaced-step*"):
+        final = root / old.name.removeprefix(".replaced-")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
+def newest_complete(root: Path) -> tuple[Path, str] | None:
+    """The tag `latest` names if it is complete, else the newest complete `stepN`; None if none exist."""
+    finish_interrupted_save(root)
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else ""
+    tags = ([latest] if latest else []) + [p.name for p in _step_dirs(root) if p.name != latest]
+    problems = []
+    for tag in tags:
+        problem = check_manifest(root / tag)
+        if problem is None:
+            if problems:
+                logger.warning(f"resume: {'; '.join(problems)}; resuming from {tag} instead")
+            return root, tag
+        problems.append(f"checkpoint {tag} is damaged: {problem}")
+    if problems:
+        raise RunError(f"resume: no complete checkpoint in {root}: {'; '.join(problems)}")
+    return None
+
+
+DATA_POSITION = (
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "pack",
+    "seed",
+    "train_files",
+)
+"""Settings that fix which rows step N reads: a resume with other values would continue elsewhere."""
+
+
+def data_position(cfg: TrainConfig, dp_world: int) -> dict[str, Any]:
+    return {**{k: getattr(cfg, k) for k in DATA_POSITION}, "data_parallel": dp_world}
+
+
+def check_data_position(folder: Path, cfg: TrainConfig, dp_world: int) -> None:
+    """Refuse a resume whose settings would read other rows than the interrupted run would have."""
+    saved = read_meta(folder).get("data")
+    if not saved:
+        return  # saved before this was recorded
+    now = data_position(cfg, dp_world)
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise RunError(
+            f"resume: {folder.name} was saved with other data settings ({', '.join(changed)}): the run "
+            "would continue on other rows. Resume with the saved settings, or start a new output_dir."
+        )
+
+
+def choose_resume(cfg: TrainConfig, rank: int, dp_world: int) -> tuple[Path, str] | None:
+    """`find_resume` on rank 0, its answer (or its error) given to every rank: all resume alike."""
+    import torch.distributed as dist
+
+    answer: list[Any] = [None]
+    if rank == 0:
+        try:
+            found = find_resume(cfg)
+            if found:
+                check_data_position(found[0] / found[1], cfg, dp_world)
+            answer = [found]
+        except RunError as e:
+            answer = [str(e)]
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):
+        raise RunError(answer[0], all_ranks=True)
+    return answer[0]
 
 
 def _fault(point: str, step: int) -> None:
@@ -59,6 +163,7 @@ def save(
     extra: dict[str, Any],
     model_config=None,
     meta=None,
+    dp_world: int = 1,
 ) -> Path:
     """Write `checkpoints/stepN` (DeepSpeed shards plus what export and chat need) atomically.
 
@@ -74,25 +179,60 @@ def save(
         tokenizer.save_pretrained(root / tmp)
         (model_config or _model_config(engine.module)).save_pretrained(root / tmp)
         info = {"template": cfg.template, "base_model": cfg.model, "step": step, **(meta or {})}
+        info["data"] = data_position(cfg, dp_world)
         write_json(root / tmp / "chatkit.json", info)
         save_config(cfg, root / tmp / "train_config.yaml")
     dist.barrier()
     state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}
-    engine.save_checkpoint(str(root), tag=tmp, client_state=state, save_latest=False)
-    (root / tmp).mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file, on other nodes
-    torch.save(rng_state(), rng_file(root / tmp, dist.get_rank()))
-    save_adapter(engine.module, root / tmp, rank)
+    try:
+        engine.save_checkpoint(str(root), tag=tmp, client_state=state, save_latest=False)
+        (root / tmp).mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file, on other nodes
+        torch.save(rng_state(), rng_file(root / tmp, dist.get_rank()))
+        save_adapter(engine.module, root / tmp, rank)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(root / tmp, ignore_errors=True)
+        raise RunError(f"saving checkpoint {final} in {root} failed: {_why(root, e)}") from e
     dist.barrier()
     _fault("save", step)
     if rank == 0:
-        if (root / final).exists():
-            shutil.rmtree(root / final)
-        os.replace(root / tmp, root / final)
-        with atomic_open(root / "latest") as f:
-            f.write(final)
+        _drop_unsafe_converters(root)
+        write_manifest(root / tmp)
+        publish(root, tmp, final, step)
         prune(root, cfg.keep_checkpoints)
     dist.barrier()
     return root / final
+
+
+def _why(root: Path, e: BaseException) -> str:
+    """A full disk as such: torch reports it as `basic_ios::clear: iostream error`."""
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    if getattr(e, "errno", None) == errno.ENOSPC or free < 64 * 1024**2:
+        return (
+            f"no space left on device ({free / 1024**2:.0f} MiB free); the last complete checkpoint is kept"
+        )
+    return f"{e}; the last complete checkpoint is kept"
+
+
+def _drop_unsafe_converters(root: Path) -> None:
+    """DeepSpeed copies its zero_to_fp32.py beside every save; that script unpickles with
+    weights_only=False (a tampered checkpoint runs code). tools/convert_to_hf.py reads them safely."""
+    for name in ("zero_to_fp32.py", "zero_to_torch.py"):
+        (root / name).unlink(missing_ok=True)
+
+
+def publish(root: Path, tmp: str, final: str, step: int) -> None:
+    """Rename the complete `tmp` to `final`, then point `latest` at it. `latest` never names a deleted
+    folder: a checkpoint saved again (a resumed run re-saving a step) is moved aside, not deleted,
+    until the new one is in place; a crash between the renames is completed at resume."""
+    old = root / f".replaced-{final}"
+    if (root / final).exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(root / final, old)
+        _fault("replace", step)
+    os.replace(root / tmp, root / final)
+    with atomic_open(root / "latest") as f:
+        f.write(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _model_config(module):
@@ -152,13 +292,16 @@ def load(engine, root: Path, tag: str, quantized: bool = False) -> dict[str, Any
     A quantized base (QLoRA) is loaded strictly except for bitsandbytes' quantization state.
     """
     engine.checkpoint_engine.load = load_weights_only
-    path, state = engine.load_checkpoint(
-        str(root),
-        tag=tag,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        custom_load_fn=_load_quantized_module if quantized else None,
-    )
+    try:
+        path, state = engine.load_checkpoint(
+            str(root),
+            tag=tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=_load_quantized_module if quantized else None,
+        )
+    except UnsafeFileError as e:
+        raise RunError(f"resume: {e}") from None
     if path is None:
         raise FileNotFoundError(f"resume: {root / tag} could not be loaded")
     import torch.distributed as dist

@@ -18,6 +18,17 @@ from chatkit.tokenization import add_template_tokens, padding_id
 from chatkit.train.method import Method, get_method
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on, for a reason a person can act on: printed as one line, no traceback.
+
+    `all_ranks`: every rank raises it together (a decision made collectively), so rank 0 alone says it.
+    """
+
+    def __init__(self, message: str, all_ranks: bool = False):
+        super().__init__(message)
+        self.all_ranks = all_ranks
+
+
 @dataclass
 class Run:
     cfg: TrainConfig

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
-from chatkit.config import TrainConfig
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from chatkit.config import TrainConfig, known_presets, preset_path
 
 
 def resolve_ds_config(cfg: TrainConfig, hidden_size: int) -> dict[str, Any]:
     """Load the named DeepSpeed preset and fill its "auto" fields from the training config."""
-    path = Path(cfg.deepspeed)
-    if not path.is_file():
-        path = REPO_ROOT / "dsconfig" / f"{cfg.deepspeed}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in (REPO_ROOT / "dsconfig").glob("*.json"))
-        raise FileNotFoundError(f"deepspeed config {cfg.deepspeed!r} not found; known: {', '.join(known)}")
+    path = preset_path(cfg.deepspeed)
+    if path is None:
+        raise FileNotFoundError(
+            f"deepspeed config {cfg.deepspeed!r} not found; known: {', '.join(known_presets())}"
+        )
     ds = json.loads(path.read_text())
     auto = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,

@@ -8,6 +8,7 @@ step runs; methods (chatkit.train.method) hide what the loss is.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from chatkit.config import save_config
 from chatkit.data import Batches, TokenizedSet
 from chatkit.io import write_json
 from chatkit.train import checkpoint
-from chatkit.train.context import Run
+from chatkit.train.context import Run, RunError
 from chatkit.train.engine import Batch, Engine
 from chatkit.train.loss import real_tokens
 from chatkit.train.monitor import Monitor
@@ -33,8 +34,8 @@ def total_steps(run: Run, batches: Batches) -> tuple[int, int]:
 
 
 def resume(run: Run, engine: Engine) -> int:
-    """The step to continue after: the checkpoint's (resume=auto or a path), else 0."""
-    found = checkpoint.find_resume(run.cfg)
+    """The step to continue after: the newest complete checkpoint's (resume=auto or a path), else 0."""
+    found = checkpoint.choose_resume(run.cfg, run.rank, engine.dp_world)
     if not found:
         return 0
     start = engine.resume(*found)
@@ -79,6 +80,15 @@ def evaluate(
     return row
 
 
+def finished(run: Run, steps: int) -> dict[str, Any]:
+    """A run re-launched after its last step: nothing to train, and its final checkpoint is not
+    written again (re-saving the folder `latest` names is the one save that could lose it)."""
+    if run.main:
+        logger.info(f"the run already ended at step {steps}: nothing to do (checkpoints in {run.out})")
+    path = run.out / "final_metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def draw(stream: Iterator[tuple[int, Batch]], accumulation: int) -> tuple[int, list[Batch]]:
     """The step's micro-batches and the epoch the last of them belongs to."""
     micro = [next(stream) for _ in range(accumulation)]
@@ -90,9 +100,11 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
     cfg, gas = run.cfg, run.cfg.gradient_accumulation_steps
     steps, per_epoch = total_steps(run, batches)
     start = resume(run, engine)
+    if start >= steps:
+        return finished(run, steps)
     announce(run, engine, batches, steps)
     stream = batches.stream(skip=start * gas)
-    monitor = Monitor(cfg, run.out, run.main)
+    monitor = Monitor(cfg, run.out, run.main, after=start)
     bar = tqdm(total=steps, initial=start, desc="train", disable=not run.main, dynamic_ncols=True)
     last: dict[str, Any] = {}
     epoch = 0
@@ -102,6 +114,12 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
             [sum(run.method.count(b) for b in micro), sum(real_tokens(b) for b in micro)]
         )
         loss = engine.train_step(micro, count)
+        if not math.isfinite(loss):  # the same value on every rank: all stop here, nothing is saved
+            raise RunError(
+                f"the loss is {loss} at step {step}: stopping without saving (checkpoints so far are kept); "
+                "lower learning_rate or look at the data",
+                all_ranks=True,
+            )
         checkpoint._fault("step", step)
         monitor.count_tokens(tokens)
         bar.update(1)

@@ -11,12 +11,17 @@ from typing import Any
 from loguru import logger
 
 from chatkit.config import TrainConfig
+from chatkit.io import atomic_open
 
 
 class Monitor:
-    def __init__(self, cfg: TrainConfig, out: Path, enabled: bool):
+    def __init__(self, cfg: TrainConfig, out: Path, enabled: bool, after: int = 0):
+        """`after`: the step a resumed run continues after; rows of later steps (logged by the
+        interrupted run after its last checkpoint) are dropped, or the curves would show them twice."""
         self.enabled = enabled
         self.out = out
+        if enabled and after:
+            keep_rows_up_to(out / "metrics.jsonl", after)
         self.metrics = (out / "metrics.jsonl").open("a", encoding="utf-8") if enabled else None
         self.wandb = None
         self.t_last, self.tokens_since = time.perf_counter(), 0.0
@@ -73,6 +78,17 @@ class Monitor:
         if self.wandb is not None:
             self.wandb.finish()
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the rows of steps after `step`."""
+    if not path.is_file():
+        return
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with atomic_open(path) as f:
+            f.writelines(x + "\n" for x in kept)
 
 
 def plot_curves(metrics: Path, png: Path) -> None:

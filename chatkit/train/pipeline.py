@@ -183,7 +183,7 @@ class PipelineEngine:
         run = self.run
         return checkpoint.save(
             self.engine, run.cfg, run.tokenizer, step, run.rank, {"epoch": epoch}, self.model_config,
-            {"pipeline": True},
+            {"pipeline": True}, dp_world=self.dp_world,
         )  # fmt: skip
 
     def resume(self, root: Path, tag: str) -> int:

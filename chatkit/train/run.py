@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from chatkit.config import TrainConfig
-from chatkit.train.context import Run, make_run
+from chatkit.train.context import Run, RunError, make_run
 from chatkit.train.data import load_data
 from chatkit.train.distributed import init_distributed, setup_logging
 from chatkit.train.engine import Engine
@@ -27,11 +27,54 @@ def make_engine(run: Run) -> Engine:
     return ZeroEngine(run)
 
 
+_HELD: list = []  # the open lock file: the lock lasts as long as this process
+
+
+def _take_lock(out: Path) -> str | None:
+    """Lock `out` for this run (rank 0); None, or why not. The kernel releases an flock when its
+    process dies, so a killed run's successor takes the folder over without anyone deleting a file."""
+    import fcntl
+    import os
+    import socket
+
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        f = (out / ".chatkit-run.lock").open("a+", encoding="utf-8")
+    except OSError as e:  # read-only or missing permissions: say so now, not at the first save
+        return f"output_dir {out} is not writable: {e.strerror or e}"
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "unknown"
+        f.close()
+        return (
+            f"output_dir {out} is in use by another run ({who}); two runs in one folder would overwrite each "
+            "other's checkpoints and metrics: wait for it, stop it, or choose another output_dir"
+        )
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD.append(f)
+    return None
+
+
+def hold_output_dir(out: Path, rank: int) -> None:
+    """Rank 0 locks the output folder before anything is written there; every rank stops if it cannot."""
+    import torch.distributed as dist
+
+    answer = [_take_lock(out) if rank == 0 else None]
+    dist.broadcast_object_list(answer, src=0)
+    if answer[0]:
+        raise RunError(answer[0], all_ranks=True)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run `cfg` to the end on this process's rank; returns the last logged metrics."""
     rank, world, device = init_distributed()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    hold_output_dir(out, rank)
     setup_logging(out, rank, "loguru" in cfg.train_log_backend)
     torch.manual_seed(cfg.seed)
     run = make_run(cfg, rank, world, device)

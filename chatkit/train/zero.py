@@ -150,7 +150,9 @@ class ZeroEngine:
 
     def save(self, step: int, epoch: int) -> Path:
         run = self.run
-        return checkpoint.save(self.engine, run.cfg, run.tokenizer, step, run.rank, {"epoch": epoch})
+        return checkpoint.save(
+            self.engine, run.cfg, run.tokenizer, step, run.rank, {"epoch": epoch}, dp_world=self.dp_world
+        )
 
     def resume(self, root: Path, tag: str) -> int:
         state = checkpoint.load(self.engine, root, tag, quantized=bool(self.run.cfg.quantize))

@@ -1,0 +1,528 @@
+"""The launcher (chatkit.launch): what it refuses before anything starts, and that nothing it starts
+outlives it.
+
+- Pre-launch checks: a missing model folder, hostfile or resume checkpoint, data files, max_length over
+  the base's context, pipeline stages that do not divide the ranks, fp16 on CPU ranks. Each is one
+  `error:` line and exit status 2, with nothing started; --dry-run refuses the same problems of the
+  launch as planned, and warns of the files this machine lacks (it plans without weights or data).
+- Signals: SIGINT/SIGTERM/SIGHUP to the launcher's PID stop the DeepSpeed runner's whole process
+  group (runner, launcher, ranks), SIGKILL after a grace period, and exit 128 + the signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from chatkit import launch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- pre-launch checks, in-process (nothing may start) ---------------------------------------------
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    """A base folder as far as the launcher reads one: its config.json (context of 128 tokens)."""
+    path = tmp_path / "base"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "max_position_embeddings": 128}))
+    return path
+
+
+@pytest.fixture
+def train(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[list[str]]:
+    """The commands the launcher would have started (none is run), with a clean environment."""
+    calls: list[list[str]] = []
+
+    def run_group(cmd, env, grace=None):
+        calls.append(cmd)
+        return 0
+
+    monkeypatch.setattr(launch, "run_group", run_group)
+    monkeypatch.setattr(launch, "prebuild_cpu_adam", lambda cfg, gpu: None)
+    for var in ("CHATKIT_CPU_RANKS", "MASTER_PORT", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(REPO)
+    return calls
+
+
+def _args(tmp_path: Path, base: Path, train: Path, *more: str) -> list[str]:
+    return [
+        "config/tiny.yaml", f"model={base}", f"train_files=[{train}]", f"output_dir={tmp_path / 'out'}",
+        "max_length=64", "--num-gpus", "0", "--cpu-ranks", "2", "--master-port", "29633", *more,
+    ]  # fmt: skip
+
+
+def _launch(capsys, argv: list[str]) -> tuple[int, list[str]]:
+    """(exit status, stderr lines) of chatkit.launch.main(argv)."""
+    try:
+        launch.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err.splitlines()
+
+
+def _refused(capsys, started, argv: list[str]) -> list[str]:
+    """The `error:` lines of a launch that must stop before starting anything (exit status 2)."""
+    code, err = _launch(capsys, argv)
+    assert code == 2, err
+    assert started == []
+    errors = [line for line in err if line.startswith("error: ")]
+    assert errors, err
+    return errors
+
+
+def test_a_clean_launch_starts_the_runner(capsys, started, tmp_path, base, train):
+    code, err = _launch(capsys, _args(tmp_path, base, train))
+    assert code == 0 and not [line for line in err if line.startswith(("error", "warning"))], err
+    assert len(started) == 1 and "deepspeed.launcher.runner" in started[0]
+
+
+@pytest.mark.parametrize(
+    "model", ["pretrained/NoSuchBase/model", "./nowhere", "outputs/no-run/hf", "{tmp}/gone"]
+)
+def test_a_missing_model_folder_is_refused(capsys, started, tmp_path, base, train, model):
+    """Once reported by the ranks, after tokenizing, as a hub 'Repo id' error."""
+    model = model.format(tmp=tmp_path)
+    errors = _refused(capsys, started, _args(tmp_path, base, train, f"model={model}"))
+    assert errors == [f"error: model: no such folder {model!r}"]
+
+
+def test_a_missing_registry_base_names_its_prepare_script(capsys, started, tmp_path, base, train):
+    errors = _refused(
+        capsys, started, _args(tmp_path, base, train, "model=pretrained/Pythia-6.9B-deduped/model")
+    )
+    assert errors == [
+        "error: model: no such folder 'pretrained/Pythia-6.9B-deduped/model' "
+        "(pretrained/Pythia-6.9B-deduped/prepare.py prepares it)"
+    ]
+
+
+def test_a_folder_without_config_json_is_refused(capsys, started, tmp_path, base, train):
+    (base / "config.json").unlink()
+    errors = _refused(capsys, started, _args(tmp_path, base, train))
+    assert errors == [f"error: model: {str(base)!r} has no config.json (not a Hugging Face model folder)"]
+
+
+def test_hub_ids_and_local_paths_are_told_apart(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for hub in ("EleutherAI/pythia-70m", "gpt2", "togethercomputer/LLaMA-2-7B-32K"):
+        assert not launch.looks_like_a_path(hub), hub
+    for path in ("pretrained/x/model", "./x", "../x", "/abs/x", "outputs/run/hf", "tests/no-such-folder"):
+        assert launch.looks_like_a_path(path), path  # the last: its parent folder is here
+
+
+def test_a_hub_id_is_left_to_the_ranks(capsys, started, tmp_path, base, train):
+    code, err = _launch(capsys, _args(tmp_path, base, train, "model=EleutherAI/pythia-70m"))
+    assert code == 0 and started, err
+
+
+def test_a_missing_resume_checkpoint_is_refused(capsys, started, tmp_path, base, train):
+    errors = _refused(capsys, started, _args(tmp_path, base, train, f"resume={tmp_path / 'ckpt'}"))
+    assert errors == [
+        f"error: resume: no checkpoint folder {str(tmp_path / 'ckpt')!r} (give one, or resume=auto)"
+    ]
+    (tmp_path / "ckpt").mkdir()  # a folder is the trainer's to judge; auto needs nothing
+    for resume in (tmp_path / "ckpt", "auto"):
+        started.clear()
+        assert _launch(capsys, _args(tmp_path, base, train, f"resume={resume}"))[0] == 0 and started
+
+
+def test_max_length_over_the_context_is_refused(capsys, started, tmp_path, base, train):
+    """Once found by the ranks after tokenizing and loading the model."""
+    errors = _refused(capsys, started, _args(tmp_path, base, train, "max_length=256"))
+    assert errors == [
+        "error: max_length: 256 exceeds the model's context of 128 tokens "
+        f"(max_position_embeddings in {base / 'config.json'})"
+    ]
+    assert _launch(capsys, _args(tmp_path, base, train, "max_length=128"))[0] == 0
+
+
+def test_max_length_over_a_registry_base_context_is_refused_without_its_weights(capsys, started):
+    errors = _refused(
+        capsys,
+        started,
+        ["config/Pythia-Chat-Base-7B.yaml", "max_length=4096", "--num-gpus", "8", "--dry-run"],
+    )
+    assert errors == [
+        "error: max_length: 4096 exceeds the model's context of 2048 tokens "
+        "(max_position_embeddings in the Pythia-6.9B-deduped entry of chatkit.models)"
+    ]
+
+
+def test_stages_that_do_not_divide_the_ranks_are_refused(capsys, started, tmp_path, base, train):
+    pipe = ["deepspeed=pipeline", "pipeline_stages=2"]
+    argv = _args(tmp_path, base, train, *pipe)
+    errors = _refused(capsys, started, [*argv, "--cpu-ranks", "3"])
+    assert errors == [
+        "error: pipeline_stages: 2 stages need a multiple of 2 ranks and this launch starts 3 CPU rank(s); "
+        "set pipeline_stages, or plan for other hardware with --num-gpus N"
+    ]
+    assert _launch(capsys, [*argv, "--cpu-ranks", "4"])[0] == 0 and started
+
+
+def test_stages_are_counted_over_the_hostfile_nodes(capsys, started, tmp_path, base, train):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=3\nb slots=3\n")
+    argv = _args(tmp_path, base, train, "deepspeed=pipeline", "pipeline_stages=4", "--hostfile", str(hosts))
+    errors = _refused(capsys, started, [*argv, "--dry-run"])
+    assert errors[0].startswith(
+        "error: pipeline_stages: 4 stages need a multiple of 4 ranks and this launch starts 6"
+    )
+
+
+def test_fp16_on_cpu_ranks_is_refused(capsys, started, tmp_path, base, train):
+    """DeepSpeed's CPU accelerator has no fp16: once an error in every rank after the launch."""
+    errors = _refused(capsys, started, _args(tmp_path, base, train, "precision=fp16"))
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: precision: fp16 needs GPUs and this launch starts 2 CPU rank(s)"
+    )
+    # Planned for GPUs, it is fine.
+    assert (
+        _launch(capsys, _args(tmp_path, base, train, "precision=fp16", "--num-gpus", "2", "--dry-run"))[0]
+        == 0
+    )
+
+
+def test_missing_train_files_are_refused(capsys, started, tmp_path, base, train):
+    gone = [tmp_path / f"gone{i}.jsonl" for i in range(5)]
+    errors = _refused(capsys, started, _args(tmp_path, base, train, f"train_files=[{gone[0]}]"))
+    assert errors == [f"error: train_files: no such file {str(gone[0])!r}"]
+    listed = ",".join(map(str, [train, *gone]))
+    errors = _refused(
+        capsys, started, _args(tmp_path, base, train, f"train_files=[{listed}]", f"val_files=[{gone[0]}]")
+    )
+    assert errors == [
+        f"error: train_files: no such file {', '.join(repr(str(p)) for p in gone[:3])} and 2 more",
+        f"error: val_files: no such file {str(gone[0])!r}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "error: --hostfile: no such file"),
+        ("", "lists no host"),
+        ("# only a comment\n", "lists no host"),
+        ("node-a\n", "bad line 'node-a' (expected `host slots=N`)"),
+        ("node-a slots=2\nnode-a slots=2\n", "node-a is listed twice"),
+    ],
+)
+def test_a_hostfile_deepspeed_would_not_use_is_refused(
+    capsys, started, tmp_path, base, train, content, needle
+):
+    """A mistyped --hostfile once turned a multi-node launch into a one-node run that exited 0."""
+    hosts = tmp_path / "hosts"
+    if content is not None:
+        hosts.write_text(content)
+    for dry in ([], ["--dry-run"]):
+        errors = _refused(capsys, started, [*_args(tmp_path, base, train, "--hostfile", str(hosts)), *dry])
+        assert len(errors) == 1 and needle in errors[0] and str(hosts) in errors[0]
+
+
+def test_every_problem_is_reported_at_once(capsys, started, tmp_path, base, train):
+    argv = _args(
+        tmp_path, base, train, "precision=fp16", "max_length=512", f"resume={tmp_path / 'nope'}",
+        f"model={tmp_path / 'missing'}", f"train_files=[{tmp_path / 'missing.jsonl'}]",
+        "--hostfile", str(tmp_path / "hosts"),
+    )  # fmt: skip
+    settings = [line.split(":")[1].strip() for line in _refused(capsys, started, argv)]
+    assert settings == ["--hostfile", "precision", "model", "train_files", "resume"]
+
+
+def test_config_errors_and_a_bad_hostfile_are_reported_together(capsys, started, tmp_path, base, train):
+    argv = _args(tmp_path, base, train, "deepspeed=zero9", "--hostfile", str(tmp_path / "hosts"))
+    code, err = _launch(capsys, argv)
+    assert code == 2 and not started
+    assert err[0].startswith("error: --hostfile: no such file")
+    assert err[1].startswith("error: invalid training config") and "deepspeed: no preset 'zero9'" in err[2]
+
+
+def test_dry_run_refuses_the_same_and_warns_of_missing_files(capsys, started, tmp_path, base, train):
+    """A dry run plans without weights or data: what this machine lacks is a warning, and the plan
+    prints; what no machine could run is refused as the launch would refuse it."""
+    argv = _args(
+        tmp_path, base, train, f"model={tmp_path / 'missing'}", f"train_files=[{tmp_path / 'x.jsonl'}]"
+    )
+    code, err = _launch(capsys, [*argv, "--dry-run"])
+    assert code == 0 and not started
+    assert err == [
+        f"warning: model: no such folder {str(tmp_path / 'missing')!r}; a launch here would stop on it",
+        f"warning: train_files: no such file {str(tmp_path / 'x.jsonl')!r}; a launch here would stop on it",
+    ]
+    assert _refused(capsys, started, argv) == [
+        line.replace("warning", "error", 1).split(";")[0] for line in err
+    ]
+    for bad in ("precision=fp16", "max_length=4096", "pipeline_stages=3"):
+        real = _refused(capsys, started, _args(tmp_path, base, train, bad, "deepspeed=pipeline"))
+        assert (
+            _refused(capsys, started, _args(tmp_path, base, train, bad, "deepspeed=pipeline", "--dry-run"))
+            == real
+        )
+
+
+def test_tiny_inputs_are_built_when_missing_and_then_checked(capsys, started, monkeypatch, tmp_path):
+    """config/tiny.yaml names the tiny base and the demo data, which a launch builds when they are
+    missing: they are not reported missing (a dry run does not warn of them), a launch refused for
+    another reason builds nothing, and what was built is checked before the runner starts."""
+    monkeypatch.chdir(tmp_path)  # a checkout without them
+    built = []
+
+    def ensure(cfg, context=512):
+        built.append(cfg.model)
+        Path(launch.DEMO_TRAIN).parent.mkdir(parents=True, exist_ok=True)
+        Path(launch.DEMO_TRAIN).write_text("{}\n")
+        Path(cfg.model).mkdir(parents=True, exist_ok=True)
+        Path(cfg.model, "config.json").write_text(json.dumps({"max_position_embeddings": context}))
+
+    monkeypatch.setattr(launch, "ensure_tiny_inputs", ensure)
+    argv = [str(REPO / "config/tiny.yaml"), "--num-gpus", "0", "--master-port", "29633"]
+    code, err = _launch(capsys, [*argv, "--dry-run"])
+    assert code == 0 and not [line for line in err if line.startswith(("error", "warning"))], err
+    assert built == []
+    assert _refused(capsys, started, [*argv, "precision=fp16"])[0].startswith("error: precision:")
+    assert built == []
+    code, err = _launch(capsys, argv)
+    assert code == 0 and built == ["pretrained/tiny/model"] and len(started) == 1, err
+    # What the build wrote is checked like any base: here, too short a context for max_length 256.
+    monkeypatch.setattr(launch, "ensure_tiny_inputs", lambda cfg: ensure(cfg, context=128))
+    (tmp_path / "pretrained/tiny/model/config.json").unlink()
+    started.clear()
+    assert _refused(capsys, started, argv) == [
+        "error: max_length: 256 exceeds the model's context of 128 tokens "
+        "(max_position_embeddings in pretrained/tiny/model/config.json)"
+    ]
+
+
+# --- the process group: nothing outlives the launcher (subprocesses) --------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """A live process (not a zombie) with this pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes (other than this one) whose command line contains `marker`."""
+    me = os.getpid()
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    found = []
+    if psutil is not None:
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if p.info["pid"] != me and p.info["status"] != psutil.STATUS_ZOMBIE and marker in cmdline:
+                found.append(p.info["pid"])
+        return found
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != me and _alive(int(entry.name)):
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def _kill_all(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# A stand-in for DeepSpeed's runner: a child in the same group (as DeepSpeed's launcher and ranks are)
+# that ignores SIGTERM and SIGINT, and writes both pids once it does. The runner waits ("wait"), also
+# ignores the signals ("stubborn"), or exits 3 and leaves the child behind ("exit").
+TREE = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    pids, marker, mode = sys.argv[1:4]
+    if mode == "stubborn":
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+    child = (
+        "import os, signal, sys, time\\n"
+        "for s in (signal.SIGINT, signal.SIGTERM):\\n    signal.signal(s, signal.SIG_IGN)\\n"
+        "open(sys.argv[1] + '.tmp', 'w').write(f'{os.getppid()} {os.getpid()}')\\n"
+        "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\\n"
+        "time.sleep(600)"
+    )
+    subprocess.Popen([sys.executable, "-c", child, pids, marker])
+    while not os.path.exists(pids):
+        time.sleep(0.05)
+    if mode == "exit":
+        sys.exit(3)
+    time.sleep(600)
+    """
+)
+RUN_GROUP = (
+    "import sys; from chatkit.launch import run_group; sys.exit(run_group(sys.argv[1:], None, grace=2))"
+)
+
+
+def _start_tree(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, list[int], str]:
+    marker = f"tree-marker-{tmp_path.name}"
+    (tmp_path / "tree.py").write_text(TREE)
+    pids = tmp_path / "pids"
+    cmd = [
+        sys.executable,
+        "-c",
+        RUN_GROUP,
+        sys.executable,
+        str(tmp_path / "tree.py"),
+        str(pids),
+        marker,
+        mode,
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not pids.is_file():
+        assert proc.poll() is None or mode == "exit", proc.stderr.read()
+        assert time.monotonic() < deadline, "the stand-in runner never started"
+        time.sleep(0.1)
+    return proc, [int(p) for p in pids.read_text().split()], marker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_stops_the_whole_group(tmp_path, signum):
+    proc, pids, marker = _start_tree(tmp_path, "wait")
+    try:
+        start = time.monotonic()
+        os.kill(proc.pid, signum)  # the launcher alone, not its group
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signum, err
+        assert time.monotonic() - start < 2 + 8  # the grace period, then SIGKILL for the one ignoring SIGTERM
+        assert f"launch: {signal.Signals(signum).name}: stopping the run" in err
+        assert [pid for pid in pids if _alive(pid)] == [] and _processes_with(marker) == []
+    finally:
+        proc.kill()
+        _kill_all([*pids, *_processes_with(marker)])
+
+
+@pytest.mark.slow
+def test_a_second_signal_kills_at_once(tmp_path):
+    proc, pids, marker = _start_tree(tmp_path, "stubborn")
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        start = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)  # a second Ctrl-C
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGINT and time.monotonic() - start < 1.5, err
+        assert "killing the run" in err and [pid for pid in pids if _alive(pid)] == []
+    finally:
+        proc.kill()
+        _kill_all([*pids, *_processes_with(marker)])
+
+
+@pytest.mark.slow
+def test_what_the_runner_leaves_behind_is_stopped(tmp_path):
+    """A runner that exits (or dies) before its ranks: they are not left running."""
+    proc, pids, marker = _start_tree(tmp_path, "exit")
+    try:
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 3, err  # the runner's own status
+        assert [pid for pid in pids if _alive(pid)] == [] and _processes_with(marker) == []
+    finally:
+        proc.kill()
+        _kill_all([*pids, *_processes_with(marker)])
+
+
+@pytest.mark.slow
+def test_a_missing_hostfile_through_the_real_launcher(tmp_path, base, train):
+    """DeepSpeed alone warns 'Unable to find hostfile', runs on this machine only, and exits 0."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatkit.launch",
+        *_args(tmp_path, base, train, "--hostfile", str(tmp_path / "hosts")),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("CHATKIT_CPU_RANKS", "MASTER_PORT")}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: --hostfile: no such file {str(tmp_path / 'hosts')!r}"]
+    assert "Unable to find hostfile" not in r.stdout + r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_the_launcher_stops_the_training_run(tmp_path):
+    """SIGTERM to the launcher's PID alone (not its group): the runner and both ranks stop with it, and
+    no checkpoint is written afterwards. (Once, they trained to the end after the launcher had gone.)"""
+    from chatkit.conversation import write_conversations
+    from chatkit.datasets.synthetic import make_splits
+    from chatkit.pretrained import prepare_tiny
+
+    data, _ = make_splits(64, 4, seed=5)
+    write_conversations(tmp_path / "train.jsonl", data)
+    prepare_tiny(
+        [str(tmp_path / "train.jsonl")], str(tmp_path / "base"), vocab_size=300, layers=2, hidden=64, heads=4
+    )
+    out = tmp_path / "run-sigterm"  # unique: every process of the run has it on its command line
+    cmd = [
+        sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={tmp_path / 'base'}",
+        f"train_files=[{tmp_path / 'train.jsonl'}]", f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}",
+        "max_steps=1000", "log_every=1", "save_every=5", "keep_checkpoints=2", "warmup_steps=0",
+        "max_length=128", "micro_batch_size=2", "--cpu-ranks", "2", "--master-port", "0",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("CHATKIT_CPU_RANKS", "MASTER_PORT")}
+    log = (tmp_path / "launch.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and metrics.read_text().strip()):  # training has started
+            assert proc.poll() is None, (tmp_path / "launch.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no training step within 300 s"
+            time.sleep(0.5)
+        assert len(_processes_with(str(out))) >= 3  # the launcher, DeepSpeed's runner and launcher, 2 ranks
+
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        assert time.monotonic() - start < 10 + 20  # the launcher's grace period, and some
+        assert _processes_with(str(out)) == [], "the run outlived its launcher"
+        assert rc == 128 + signal.SIGTERM, (tmp_path / "launch.log").read_text()[-4000:]
+
+        def state():
+            ckpts = out / "checkpoints"
+            names = sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else []
+            return names, len(metrics.read_text().splitlines())
+
+        before = state()
+        time.sleep(8)  # a live rank would have logged steps and saved step N+5 by now
+        assert state() == before
+        assert _processes_with(str(out)) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        _kill_all(_processes_with(str(out)))
+        log.close()
