@@ -138,6 +138,10 @@ class ChatShell:
             self.history.pop()
             self._print(f"error: {e}")
             return ""
+        except KeyboardInterrupt:  # Ctrl-C before the first piece (while the prompt is encoded)
+            self.history.pop()
+            self._print("(stopped before the reply began)")
+            return ""
         self.history.append(Message("assistant", reply))
         return reply
 

@@ -469,6 +469,21 @@ def test_ctrl_c_keeps_what_was_said(tiny_engine: ChatEngine):
     assert out.getvalue() == said + "\n"
 
 
+class InterruptWhileEncoding(InterruptAfter):
+    """Ctrl-C lands while the prompt is being tokenized, before any piece of the reply exists."""
+
+    def prompt_messages(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_the_reply_begins_keeps_the_shell(tiny_engine: ChatEngine):
+    shell, out = new_shell(InterruptWhileEncoding(tiny_engine, 0))
+    assert shell.say("hello") == ""
+    assert shell.history == [] and out.getvalue() == "(stopped before the reply began)\n"
+    shell.engine = tiny_engine  # the shell goes on: the next turn is answered
+    assert shell.say("hello") == tiny_engine.reply([Message("user", "hello")], GREEDY)
+
+
 def test_turn_too_long_is_reported_and_dropped(tiny_engine: ChatEngine):
     shell, out = new_shell(tiny_engine)
     assert shell.say("word " * 600) == ""

@@ -255,7 +255,9 @@ def test_streamed_rewrite_stays_under_one_and_a_half_shards(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     grew = int(r.stdout.split()[-1])
     assert grew < 1.5 * shard + 8 * 2**20, (grew, shard)
-    assert grew < 0.5 * shard  # streamed: about one tensor, far below a shard
+    # streamed: a few tensors (8 MB fp32 + its bf16 copy), below one shard. Measured 16-20 MB alone and
+    # once 33 MB inside the full suite (malloc keeps freed buffers); a shard at once would be >= 58 MB.
+    assert grew < 0.75 * shard
 
 
 def test_a_qlora_export_is_a_plain_full_precision_folder(bases, tmp_path):

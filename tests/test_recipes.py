@@ -234,6 +234,24 @@ def _train_tiny(script: str, out: Path) -> str:
     return proc.stdout + proc.stderr
 
 
+def _export_and_chat(run: Path) -> str:
+    """The run's export, as a user makes it, loaded with plain `from_pretrained` and chatted with."""
+    from transformers import AutoModelForCausalLM
+
+    from chatkit.chat import ChatEngine, GenerationParams
+    from chatkit.conversation import Message
+
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(run / "checkpoints"), "--out", str(run / "hf")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quantization_config" not in json.loads((run / "hf" / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(run / "hf")
+    engine = ChatEngine.from_pretrained(run / "hf", device="cpu")
+    return engine.reply([Message("user", "What is 2 + 3?")], GenerationParams(max_new_tokens=8, sample=False))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pythia_tiny_trains_with_a_two_stage_pipeline(tmp_path: Path):
@@ -242,6 +260,7 @@ def test_pythia_tiny_trains_with_a_two_stage_pipeline(tmp_path: Path):
     saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
     assert saved["model"] == "pretrained/tiny/model" and saved["deepspeed"] == "pipeline"
     assert saved["train_files"] == ["data/demo/files/train.jsonl"]
+    assert isinstance(_export_and_chat(tmp_path / "run"), str)
 
 
 @pytest.mark.slow
@@ -252,3 +271,22 @@ def test_koalpaca_qlora_tiny_trains(tmp_path: Path):
     saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
     assert saved["model"] == "pretrained/tiny-llama/model" and saved["quantize"] == "4bit"
     assert (tmp_path / "run" / "checkpoints" / "step4" / "adapter_model.safetensors").is_file()
+    # its export merges the adapters into full-precision weights: a plain folder, no bitsandbytes
+    assert isinstance(_export_and_chat(tmp_path / "run"), str)
+
+
+OTHER_TINY = [
+    s
+    for s in LAUNCHERS
+    if s not in ("finetune_demo.sh", "finetune_Pythia-Chat-Base-7B.sh", "finetune_llama2-koalpaca-qlora.sh")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("script", OTHER_TINY)
+def test_every_tiny_recipe_exports_a_folder_that_loads_and_chats(script: str, tmp_path: Path):
+    """With the two tests above: every recipe's tiny variant trains, converts with tools/convert_to_hf.py,
+    loads with plain `from_pretrained` and answers through the chat engine."""
+    _train_tiny(script, tmp_path / "run")
+    assert isinstance(_export_and_chat(tmp_path / "run"), str)
