@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from chatkit.chat import ChatEngine, ContextProvider, GenerationError, GenerationParams, with_context
-from chatkit.conversation import Conversation, ConversationError, Message, parse_line, write_conversations
+from chatkit.conversation import Conversation, ConversationError, Message, iter_jsonl, write_conversations
 
 HELP = """commands:
   /help             this help
@@ -318,22 +318,7 @@ def first_conversation(path: Path) -> Conversation | None:
 
     Every problem is a ConversationError naming the file and line: a byte that is not UTF-8, invalid
     JSON, JSON nested too deeply, or a conversation that breaks the schema."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:  # a byte-order mark (Windows editors write one) is not part of the first line
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ConversationError(
-                    f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                return parse_line(line, where)
-            except RecursionError:
-                raise ConversationError(f"{where}: JSON nested too deeply to read") from None
-    return None
+    return next(iter_jsonl(path), None)
 
 
 def run_interactive(shell: ChatShell) -> None:

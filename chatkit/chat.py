@@ -252,33 +252,24 @@ class ChatEngine:
 
     def prompt_ids(self, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
         """Encode the prompt, dropping the oldest whole turns (never the system prompt) to fit."""
-        msgs = list(messages)
-        while True:
-            ids = encode_prompt(self.tokenizer, self.template, msgs)
-            if len(ids) + max_new_tokens <= self.context_length:
-                return ids
-            first = 1 if msgs and msgs[0].role == "system" else 0
-            # Drop the first user turn and the replies that follow it, keeping the last user turn.
-            nxt = next((i for i in range(first + 1, len(msgs)) if msgs[i].role == "user"), None)
-            if nxt is None:
-                raise ValueError(
-                    f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) does not fit "
-                    f"the model's context of {self.context_length} tokens"
-                )
-            msgs = msgs[:first] + msgs[nxt:]
+        return self._fit(messages, max_new_tokens)[1]
 
     def prompt_messages(self, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:
         """The messages `prompt_ids` keeps: the oldest whole turns dropped (never the system prompt)
         until the prompt plus `max_new_tokens` fits the context; a ValueError when nothing fits.
 
         `len(messages) - len(result)` is how many messages a reply would not see (the shell says so),
-        and `raw_prompt(result)` is the text the model is given. Tests check that
-        `encode_prompt(result)` is exactly `prompt_ids(messages)`."""
+        and `raw_prompt(result)` is the text the model is given."""
+        return self._fit(messages, max_new_tokens)[0]
+
+    def _fit(self, messages: Sequence[Message], max_new_tokens: int) -> tuple[list[Message], list[int]]:
+        """(kept messages, their prompt ids): drop the first user turn and the replies after it, keeping
+        the system prompt and the last user turn, until the prompt plus `max_new_tokens` fits."""
         msgs = list(messages)
         while True:
             ids = encode_prompt(self.tokenizer, self.template, msgs)
             if len(ids) + max_new_tokens <= self.context_length:
-                return msgs
+                return msgs, ids
             first = 1 if msgs and msgs[0].role == "system" else 0
             nxt = next((i for i in range(first + 1, len(msgs)) if msgs[i].role == "user"), None)
             if nxt is None:

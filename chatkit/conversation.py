@@ -91,14 +91,29 @@ def parse_line(line: str, where: str) -> Conversation:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ConversationError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ConversationError(f"{where}: JSON nested too deeply to read") from None
     return parse_conversation(obj, where)
 
 
+def decode_line(raw: bytes, where: str, first: bool = False) -> str:
+    """A line of a JSONL file as text; a byte that is not UTF-8 is an error naming `where` and its
+    column. The first line may start with a byte-order mark (Windows editors write one)."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ConversationError(
+            f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+        ) from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[Conversation]:
-    """Yield validated conversations; stop at the first bad line with its file and line number."""
+    """Yield validated conversations, reading line by line; stop at the first bad line with its file
+    and line number (bad bytes, bad JSON or a broken schema)."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode_line(raw, f"{path}:{lineno}", lineno == 1)
             if line.strip():
                 yield parse_line(line, f"{path}:{lineno}")
 

@@ -32,7 +32,7 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from chatkit.conversation import ConversationError, Message, parse_line
+from chatkit.conversation import ConversationError, Message, decode_line, parse_line
 from chatkit.io import atomic_open, write_json
 from chatkit.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 
@@ -169,12 +169,7 @@ def _chunks(path: str) -> Iterator[tuple[str, int, list[str]]]:
         batch: list[str] = []
         first = 1
         for lineno, raw in enumerate(f, 1):
-            try:
-                batch.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ConversationError(
-                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                ) from None
+            batch.append(decode_line(raw, f"{path}:{lineno}", lineno == 1))
             if len(batch) == CHUNK:
                 yield path, first, batch
                 batch, first = [], lineno + 1

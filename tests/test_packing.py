@@ -251,7 +251,7 @@ def test_a_damaged_cache_entry_is_tokenized_again(bpe_tokenizer, tmp_path, caplo
 def test_a_line_that_is_not_utf8_is_named(bpe_tokenizer, tmp_path):
     src = _write(tmp_path / "d.jsonl", _convs(3))
     src.write_bytes(src.read_bytes() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
-    with pytest.raises(ConversationError, match=r"d\.jsonl:4: not UTF-8 text \(byte 0xe9 at column 47\)"):
+    with pytest.raises(ConversationError, match=r"d\.jsonl:4: not UTF-8 \(byte 0xe9 at column 47\)"):
         tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path)
 
 

@@ -55,6 +55,13 @@ class Run:
         return padding_id(self.tokenizer)
 
 
+def check_context(model_config, cfg: TrainConfig) -> None:
+    """Rows longer than the model's positions would train on positions it never learned."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and cfg.max_length > context:
+        raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens")
+
+
 def make_run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     """Tokenizer and template as training and chat will both use them (template tokens added)."""
     from transformers import AutoTokenizer

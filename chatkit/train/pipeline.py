@@ -16,14 +16,13 @@ from loguru import logger
 
 from chatkit.data import TokenizedSet
 from chatkit.train import checkpoint
-from chatkit.train.context import Run
+from chatkit.train.context import Run, check_context
 from chatkit.train.data import val_shard
 from chatkit.train.distributed import all_sum
 from chatkit.train.dsconfig import lr_lambda, resolve_ds_config
 from chatkit.train.engine import Batch
 from chatkit.train.loss import step_scale
 from chatkit.train.pipeline_model import build_pipeline
-from chatkit.train.zero import check_context
 
 
 def make_topology(stages: int, world: int):

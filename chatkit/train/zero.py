@@ -13,7 +13,7 @@ from loguru import logger
 
 from chatkit.data import TokenizedSet, block_causal_mask
 from chatkit.train import adapters, checkpoint
-from chatkit.train.context import Run
+from chatkit.train.context import Run, check_context
 from chatkit.train.data import val_shard
 from chatkit.train.distributed import all_sum
 from chatkit.train.dsconfig import lr_lambda, resolve_ds_config
@@ -23,12 +23,6 @@ from chatkit.train.loss import step_scale
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def check_context(model_config, cfg) -> None:
-    context = getattr(model_config, "max_position_embeddings", None)
-    if context is not None and cfg.max_length > context:
-        raise ValueError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens")
 
 
 def build_engine(run: Run, total_steps: int):
