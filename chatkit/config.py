@@ -48,6 +48,15 @@ class TrainConfig:
     """Conversation JSONL files to train on; `path:weight` entries make a weighted mixture."""
     val_files: list[str] = field(default_factory=list)
     """Conversation JSONL files for validation loss (optional)."""
+    method: str = "sft"
+    """sft (supervised: conversations) or dpo (preference pairs: chatkit.conversation.Preference)."""
+    preference_loss: str = "sigmoid"
+    """method=dpo: sigmoid (DPO), ipo, hinge (against the model before training), simpo or orpo
+    (reference-free)."""
+    beta: float = 0.1
+    """method=dpo: the loss's temperature (DPO's beta, IPO's tau, SimPO's beta, ORPO's lambda)."""
+    simpo_gamma: float = 0.5
+    """preference_loss=simpo: the target reward margin gamma."""
     template: str = "openchatkit"
     """Chat template name (chatkit.templates); embedded in every export."""
     output_dir: str = "outputs/run"
@@ -144,6 +153,7 @@ class TrainConfig:
             errors.append(f"output_dir: {self.output_dir!r} is a file, not a folder")
         errors += self._validate_engine()
         errors += self._validate_numbers()
+        errors += self._validate_method()
         if self.overlong not in ("drop", "truncate"):
             errors.append(f"overlong: must be drop or truncate, got {self.overlong!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -182,6 +192,29 @@ class TrainConfig:
             errors.append(f"lora_alpha: must be positive and finite, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             errors.append(f"lora_dropout: must be within [0, 1), got {self.lora_dropout}")
+        return errors
+
+    def _validate_method(self) -> list[str]:
+        """The training method and its loss's parameters."""
+        from chatkit.train.preference import LOSSES
+
+        if self.method not in ("sft", "dpo"):
+            return [f"method: must be sft or dpo, got {self.method!r}"]
+        errors = []
+        if self.preference_loss not in LOSSES:
+            errors.append(
+                f"preference_loss: must be one of {', '.join(LOSSES)}, got {self.preference_loss!r}"
+            )
+        if not 0 < self.beta < math.inf:
+            errors.append(f"beta: must be positive and finite, got {self.beta}")
+        if not -math.inf < self.simpo_gamma < math.inf:
+            errors.append(f"simpo_gamma: must be finite, got {self.simpo_gamma}")
+        if self.method == "dpo" and self.pipeline_stages > 1:
+            errors.append(
+                "method: preference training runs on the ZeRO engine (its losses need every sequence of a "
+                "pair on one rank's last layer, with statistics the pipeline engine does not return); "
+                "use pipeline_stages=1 with deepspeed=zero3 to shard a large model"
+            )
         return errors
 
     def _validate_engine(self) -> list[str]:

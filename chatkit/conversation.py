@@ -6,6 +6,16 @@ One conversation per JSONL line::
      "source": "..."}
 
 `train` is optional; by default only assistant messages are trained.
+
+A preference record (DPO and its relatives) is a conversation prefix ending with a user message and
+two candidate replies to it, the preferred one and the other::
+
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ..., {"role": "user", ...}],
+     "chosen": {"role": "assistant", "content": "..."},
+     "rejected": {"role": "assistant", "content": "..."},
+     "source": "..."}
+
+Only the replies are scored (their tokens and the end of turn), so the prefix carries no `train`.
 """
 
 from __future__ import annotations
@@ -53,11 +63,16 @@ class Conversation:
         return {"messages": [m.to_dict() for m in self.messages], "source": self.source, **self.extra}
 
 
-def parse_conversation(obj: Any, where: str = "<input>") -> Conversation:
+def parse_conversation(obj: Any, where: str = "<input>", preference: bool = False) -> Conversation:
     """Validate one decoded JSON object; `where` (e.g. ``train.jsonl:12``) prefixes every error."""
     if not isinstance(obj, dict):
         raise ConversationError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     msgs = obj.get("messages")
+    if "chosen" in obj and "rejected" in obj and not preference:
+        raise ConversationError(
+            f"{where}: a preference record (fields 'chosen' and 'rejected'), not a conversation: "
+            "train preference pairs with method=dpo"
+        )
     if not isinstance(msgs, list) or not msgs:
         raise ConversationError(f"{where}: field 'messages' must be a non-empty list")
     out = []
@@ -85,15 +100,92 @@ def parse_conversation(obj: Any, where: str = "<input>") -> Conversation:
     return Conversation(tuple(out), source, extra)
 
 
-def parse_line(line: str, where: str) -> Conversation:
-    """One JSONL line -> a validated conversation; errors start with `where` (file:line)."""
+@dataclass(frozen=True)
+class Preference:
+    """A prompt (the conversation so far, ending with a user message) and two replies to it."""
+
+    prompt: tuple[Message, ...]
+    chosen: Message
+    rejected: Message
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sequences(self) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
+        """The two conversations that are scored: the prompt (never trained) and each reply (trained)."""
+        prompt = tuple(Message(m.role, m.content, False) for m in self.prompt)
+        return prompt + (Message("assistant", self.chosen.content, True),), prompt + (
+            Message("assistant", self.rejected.content, True),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "messages": [m.to_dict() for m in self.prompt],
+            "chosen": self.chosen.to_dict(),
+            "rejected": self.rejected.to_dict(),
+            "source": self.source,
+            **self.extra,
+        }
+
+
+def _reply(obj: Any, at: str) -> Message:
+    if not isinstance(obj, dict):
+        raise ConversationError(f"{at}: expected an object with 'content', got {type(obj).__name__}")
+    unknown = set(obj) - {"role", "content"}
+    if unknown:
+        raise ConversationError(f"{at}: unknown field(s) {', '.join(sorted(unknown))}")
+    role, content = obj.get("role", "assistant"), obj.get("content")
+    if role != "assistant":
+        raise ConversationError(f"{at}.role: a reply must be an assistant message, got {role!r}")
+    if not isinstance(content, str):
+        raise ConversationError(f"{at}.content: must be a string, got {type(content).__name__}")
+    return Message("assistant", content)
+
+
+def parse_preference(obj: Any, where: str = "<input>") -> Preference:
+    """Validate one decoded preference record; every error starts with `where` and names the field."""
+    if not isinstance(obj, dict):
+        raise ConversationError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            hint = "" if {"chosen", "rejected"} & set(obj) else "; a conversation file trains with method=sft"
+            raise ConversationError(
+                f"{where}: field {key!r} is missing (a preference record needs both replies{hint})"
+            )
+    conv = parse_conversation({k: v for k, v in obj.items() if k not in ("chosen", "rejected")}, where, True)
+    for i, m in enumerate(conv.messages):
+        if m.train is not None:
+            raise ConversationError(
+                f"{where}: messages[{i}].train: not allowed in a preference record (only the replies are scored)"
+            )
+    if conv.messages[-1].role != "user":
+        raise ConversationError(
+            f"{where}: messages[{len(conv.messages) - 1}].role: the prompt must end with a user message "
+            f"(the replies answer it), got {conv.messages[-1].role!r}"
+        )
+    chosen, rejected = (
+        _reply(obj["chosen"], f"{where}: chosen"),
+        _reply(obj["rejected"], f"{where}: rejected"),
+    )
+    return Preference(conv.messages, chosen, rejected, conv.source, conv.extra)
+
+
+def _load_line(line: str, where: str) -> Any:
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise ConversationError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise ConversationError(f"{where}: JSON nested too deeply to read") from None
-    return parse_conversation(obj, where)
+
+
+def parse_line(line: str, where: str) -> Conversation:
+    """One JSONL line -> a validated conversation; errors start with `where` (file:line)."""
+    return parse_conversation(_load_line(line, where), where)
+
+
+def parse_preference_line(line: str, where: str) -> Preference:
+    """One JSONL line -> a validated preference record; errors start with `where` (file:line)."""
+    return parse_preference(_load_line(line, where), where)
 
 
 def decode_line(raw: bytes, where: str, first: bool = False) -> str:
@@ -116,6 +208,16 @@ def iter_jsonl(path: str | Path) -> Iterator[Conversation]:
             line = decode_line(raw, f"{path}:{lineno}", lineno == 1)
             if line.strip():
                 yield parse_line(line, f"{path}:{lineno}")
+
+
+def iter_preferences(path: str | Path) -> Iterator[Preference]:
+    """Yield validated preference records line by line; stop at the first bad one (file:line, field)."""
+    path = Path(path)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode_line(raw, f"{path}:{lineno}", lineno == 1)
+            if line.strip():
+                yield parse_preference_line(line, f"{path}:{lineno}")
 
 
 def read_jsonl(path: str | Path) -> list[Conversation]:

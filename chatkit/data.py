@@ -10,6 +10,9 @@
 - Packing puts whole conversations into rows of `max_length` by best fit. Every token carries the id
   of its conversation (segment) and its position within it, and attention is block-diagonal, so no
   packed conversation attends to another: packed and unpacked losses are equal.
+- Preference data (DPO and its relatives) is the same machinery with a pair as the unit: the chosen and
+  the rejected sequence are stored one after the other, travel together into one row, and are two
+  documents there (two segments) that never attend to each other; several pairs pack into one row.
 """
 
 from __future__ import annotations
@@ -26,18 +29,27 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from loguru import logger
 from tqdm import tqdm
 
-from chatkit.conversation import ConversationError, Message, decode_line, parse_line
+from chatkit.conversation import (
+    ConversationError,
+    Message,
+    Preference,
+    decode_line,
+    parse_line,
+    parse_preference_line,
+)
 from chatkit.io import atomic_open, write_json
 from chatkit.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 
 CHUNK = 512  # conversations per worker task
 OUTCOMES = ("ok", "truncated", "too_long", "untrained", "empty_message")
+PAIR_OUTCOMES = ("ok", "too_long", "untrained", "empty_message", "identical_replies")
 
 
 @dataclass(frozen=True)
@@ -57,26 +69,53 @@ class DataSource:
         return cls(spec, None)
 
 
+class Pair(NamedTuple):
+    """A preference pair as token sequences, with the reference model's log-probabilities of both
+    replies when the loss needs them (0.0 otherwise)."""
+
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
 @dataclass
 class TokenizedSet:
-    """One file's conversations as flat arrays: example i is tokens[offsets[i]:offsets[i+1]]."""
+    """One file's sequences as flat arrays: sequence i is tokens[offsets[i]:offsets[i+1]].
+
+    A conversation file's examples are its sequences. A preference file (`pairs`) stores each pair's
+    chosen and rejected sequences one after the other; its examples are pairs (2 sequences each)."""
 
     tokens: np.ndarray
     trained: np.ndarray
     offsets: np.ndarray
     stats: dict[str, int] = field(default_factory=dict)
+    pairs: bool = False
+    key: str = ""
+    """The cache key (source bytes, tokenizer, template, settings): names derived caches."""
+    reference: np.ndarray | None = None
+    """Preference sets: (pairs, 2) reference log-probabilities of (chosen, rejected), once computed."""
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        n = len(self.offsets) - 1
+        return n // 2 if self.pairs else n
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per example (a pair's two sequences together: they share a row)."""
+        d = np.diff(self.offsets)
+        return d[0::2] + d[1::2] if self.pairs else d
 
-    def example(self, i: int) -> Encoded:
+    def sequence(self, i: int) -> Encoded:
         a, b = self.offsets[i], self.offsets[i + 1]
         ids = self.tokens[a:b].tolist()
         return Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, self.trained[a:b], strict=True)])
+
+    def example(self, i: int) -> Encoded | Pair:
+        if not self.pairs:
+            return self.sequence(i)
+        ref = (0.0, 0.0) if self.reference is None else tuple(float(x) for x in self.reference[i])
+        return Pair(self.sequence(2 * i), self.sequence(2 * i + 1), *ref)
 
 
 # ---------------------------------------------------------------- tokenization
@@ -111,6 +150,26 @@ def fit_conversation(tokenizer, template, messages: Sequence[Message], max_lengt
     return enc, outcome
 
 
+def fit_pair(tokenizer, template, pref: Preference, max_length: int):
+    """Encode both replies after the prompt; (Pair or None, outcome). A pair is kept whole or dropped:
+    chosen and rejected share a row, so together they must fit in `max_length` (a pair is never cut:
+    a shortened prompt would change what the replies answer)."""
+    if any(not m.content.strip() for m in (*pref.prompt, pref.chosen, pref.rejected)):
+        return None, "empty_message"
+    if pref.chosen.content == pref.rejected.content:
+        return None, "identical_replies"  # no preference to learn, and a zero margin forever
+    chosen, rejected = pref.sequences()
+    chars = sum(len(m.content) for m in (*chosen, *rejected))
+    if chars > max_length * longest_piece(tokenizer):
+        return None, "too_long"
+    pair = Pair(*(encode_conversation(tokenizer, template, m) for m in (chosen, rejected)))
+    if len(pair.chosen.input_ids) + len(pair.rejected.input_ids) > max_length:
+        return None, "too_long"
+    if pair.chosen.num_trained == 0 or pair.rejected.num_trained == 0:
+        return None, "untrained"
+    return pair, "ok"
+
+
 def longest_piece(tokenizer) -> int:
     """Characters the longest vocabulary entry can stand for (an upper bound: byte-level pieces hold
     one character per byte, sentencepiece's byte pieces `<0xNN>` six characters for one byte)."""
@@ -136,27 +195,40 @@ def _within_reach(messages: Sequence[Message], max_chars: int) -> list[Message] 
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, template, max_length: int, overlong: str) -> None:
+def _init_worker(tokenizer, template, max_length: int, overlong: str, pairs: bool = False) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=tokenizer, template=template, max_length=max_length, overlong=overlong)
+    _WORKER.update(
+        tokenizer=tokenizer, template=template, max_length=max_length, overlong=overlong, pairs=pairs
+    )
+
+
+def _encode_line(line: str, where: str) -> tuple[list[Encoded], str]:
+    """One JSONL line -> its sequences (one conversation, or a pair's two) and the outcome."""
+    w = _WORKER
+    if w["pairs"]:
+        pair, outcome = fit_pair(
+            w["tokenizer"], w["template"], parse_preference_line(line, where), w["max_length"]
+        )
+        return ([pair.chosen, pair.rejected] if pair else []), outcome
+    conv = parse_line(line, where)
+    enc, outcome = fit_conversation(
+        w["tokenizer"], w["template"], conv.messages, w["max_length"], w["overlong"]
+    )
+    return ([enc] if enc else []), outcome
 
 
 def _tokenize_chunk(args: tuple[str, int, list[str]]):
     path, first_line, lines = args
-    w = _WORKER
     ids: list[int] = []
     trained: list[bool] = []
     lengths: list[int] = []
-    stats = dict.fromkeys(OUTCOMES, 0)
+    stats = dict.fromkeys(PAIR_OUTCOMES if _WORKER["pairs"] else OUTCOMES, 0)
     for k, line in enumerate(lines):
         if not line.strip():
             continue
-        conv = parse_line(line, f"{path}:{first_line + k}")
-        enc, outcome = fit_conversation(
-            w["tokenizer"], w["template"], conv.messages, w["max_length"], w["overlong"]
-        )
+        encoded, outcome = _encode_line(line, f"{path}:{first_line + k}")
         stats[outcome] += 1
-        if enc is not None:
+        for enc in encoded:
             ids += enc.input_ids
             trained += [label != IGNORE_INDEX for label in enc.labels]
             lengths.append(len(enc.input_ids))
@@ -177,7 +249,7 @@ def _chunks(path: str) -> Iterator[tuple[str, int, list[str]]]:
             yield path, first, batch
 
 
-def _fingerprint(path: str, tokenizer, template, max_length: int, overlong: str) -> str:
+def _fingerprint(path: str, tokenizer, template, max_length: int, overlong: str, pairs: bool = False) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -185,7 +257,7 @@ def _fingerprint(path: str, tokenizer, template, max_length: int, overlong: str)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     h.update(repr(sorted(tokenizer.all_special_tokens)).encode())
-    h.update(f"{template.name}\0{template.chat_template}\0{max_length}\0{overlong}".encode())
+    h.update(f"{template.name}\0{template.chat_template}\0{max_length}\0{overlong}\0{pairs}".encode())
     here = Path(__file__).parent
     templates = sorted((here / "templates").glob("*.py"))
     for module in (here / "data.py", here / "tokenization.py", *templates, here / "conversation.py"):
@@ -249,34 +321,41 @@ def tokenize_file(
     num_proc: int = 1,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
+    pairs: bool = False,
 ) -> TokenizedSet:
-    """Tokenize one conversation JSONL file (or load it from the cache)."""
+    """Tokenize one conversation JSONL file, or with `pairs` one preference file (or load it from the
+    cache)."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = _fingerprint(path, tokenizer, template, max_length, overlong)
+    key = _fingerprint(path, tokenizer, template, max_length, overlong, pairs)
     entry = cache / f"{Path(path).stem}-{key}.npz"
     cached = _read_cache(entry)
     if cached is not None:
+        cached.pairs, cached.key = pairs, key
         return cached
     parts = []
-    bar = tqdm(desc=f"tokenize {path}", unit=" conv", disable=not show_progress, leave=False)
+    unit = " pair" if pairs else " conv"
+    bar = tqdm(desc=f"tokenize {path}", unit=unit, disable=not show_progress, leave=False)
     chunks = _chunks(path)
+    init = (tokenizer, template, max_length, overlong, pairs)
     if num_proc > 1:
-        for part in _in_workers(chunks, num_proc, (tokenizer, template, max_length, overlong)):
+        for part in _in_workers(chunks, num_proc, init):
             parts.append(part)
             bar.update(sum(part[3].values()))
     else:
-        _init_worker(tokenizer, template, max_length, overlong)
+        _init_worker(*init)
         for chunk in chunks:
             parts.append(_tokenize_chunk(chunk))
             bar.update(sum(parts[-1][3].values()))
     bar.close()
-    stats = {k: sum(p[3][k] for p in parts) for k in OUTCOMES}
+    stats = {k: sum(p[3][k] for p in parts) for k in (PAIR_OUTCOMES if pairs else OUTCOMES)}
     lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
     out = TokenizedSet(
         np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32),
         np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.bool_),
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         stats,
+        pairs,
+        key,
     )
     with atomic_open(entry, "wb") as f:
         np.savez(f, tokens=out.tokens, trained=out.trained, offsets=out.offsets, stats=json.dumps(stats))
@@ -285,6 +364,12 @@ def tokenize_file(
 
 def describe(path: str, s: TokenizedSet, max_length: int) -> str:
     st = s.stats
+    if s.pairs:
+        return (
+            f"{path}: {len(s)} preference pairs kept, dropped {st.get('too_long', 0)} whose replies together "
+            f"exceed {max_length} tokens, {st.get('identical_replies', 0)} with identical replies, "
+            f"{st.get('untrained', 0)} with nothing trained and {st.get('empty_message', 0)} with an empty message"
+        )
     return (
         f"{path}: {len(s)} conversations kept ({st.get('truncated', 0)} truncated by whole turns), "
         f"dropped {st.get('too_long', 0)} over {max_length} tokens, {st.get('untrained', 0)} with nothing "
@@ -400,6 +485,28 @@ def collate_rows(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, to
             seg[r, at : at + n] = s
             at += n
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg}
+
+
+def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of whole preference pairs -> collate_rows' tensors for their sequences (each pair's chosen
+    then rejected, two segments), plus `sequence_ids` (B, T): 2k on pair k's chosen tokens, 2k+1 on its
+    rejected ones, -1 on padding; `reference` (P, 2) and `pair_weight` (P,): 0 for a filler pair whose
+    labels are all ignored (evaluation shards are padded with one), 1 otherwise."""
+    batch = collate_rows([[e for p in row for e in (p.chosen, p.rejected)] for row in rows], pad_id)
+    seq = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+    k = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for p in row:
+            for side, e in enumerate((p.chosen, p.rejected)):
+                seq[r, at : at + len(e.input_ids)] = 2 * k + side
+                at += len(e.input_ids)
+            k += 1
+    pairs = [p for row in rows for p in row]
+    batch["sequence_ids"] = seq
+    batch["reference"] = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=torch.float64)
+    batch["pair_weight"] = torch.tensor([float(p.chosen.num_trained > 0) for p in pairs])
+    return batch
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -322,7 +322,10 @@ def test_script_help(name: str):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: ")
     spec = get_dataset(name)
-    assert f"https://huggingface.co/datasets/{spec.repo}" in proc.stdout
+    if spec.repo is None:  # a local --source only (data/preference): the help says it is required
+        assert "upstream: none to download" in proc.stdout and "--source PATH " in proc.stdout
+    else:
+        assert f"https://huggingface.co/datasets/{spec.repo}" in proc.stdout
     assert "--source" in proc.stdout and "--out" in proc.stdout and "--val-fraction" in proc.stdout
     assert ("--keep-rejected" in proc.stdout) == (name in PREFERENCE)
 

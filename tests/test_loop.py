@@ -44,13 +44,13 @@ class FakeEngine:
     def dp_sum(self, values: list[float]) -> list[float]:
         return list(values)
 
-    def train_step(self, micro, count: float) -> float:
+    def train_step(self, micro, count: float) -> dict[str, float]:
         self.steps.append(([b["input_ids"] for b in micro], count))
-        return float(sum(int(b["input_ids"].sum()) for b in micro)) / max(count, 1)
+        return {"loss": float(sum(int(b["input_ids"].sum()) for b in micro)) / max(count, 1)}
 
-    def evaluate(self, val_sets) -> float:
+    def evaluate(self, val_sets) -> dict[str, float]:
         self.calls.append(("evaluate", len(self.steps)))
-        return 0.5
+        return {"loss": 0.5}
 
     def sample(self, prompts: list[str]) -> list[str]:
         self.calls.append(("sample", len(self.steps)))
@@ -168,7 +168,7 @@ def test_a_non_finite_loss_stops_the_run_before_any_save(tmp_path, make_wordleve
     class Diverging(FakeEngine):
         def train_step(self, micro, count):
             super().train_step(micro, count)
-            return float("nan") if len(self.steps) == 2 else 1.0
+            return {"loss": float("nan") if len(self.steps) == 2 else 1.0}
 
     run = _run(tmp_path, make_wordlevel_tokenizer(), save_every=1)
     engine = Diverging(tmp_path)

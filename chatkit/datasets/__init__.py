@@ -1,4 +1,4 @@
-"""Datasets: each turns its source rows into conversations (see chatkit.conversation).
+"""Datasets: each turns its source rows into conversations or preference records (chatkit.conversation).
 
 `get_dataset(name)` returns the `DatasetSpec` a `data/<name>/prepare.py` runs through
 `chatkit.datasets.prepare.prepare`; `list_datasets()` names them all.
@@ -21,6 +21,7 @@ _DATASETS: dict[str, tuple[str, str]] = {
     "anthropic_hh": ("anthropic_hh", "SPEC"),
     "webgpt": ("webgpt", "SPEC"),
     "summarize_from_feedback": ("summarize_from_feedback", "SPEC"),
+    "preference": ("preference", "SPEC"),
     "mqa": ("long_data", "MQA"),
     "booksum": ("long_data", "BOOKSUM"),
 }

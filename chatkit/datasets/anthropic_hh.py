@@ -8,12 +8,19 @@ every turn is kept. Following Koala the chosen transcript is the conversation, i
 turn the reply. With --keep-rejected the rejected transcript is written too, its last user
 message ending with Koala's marker "An Unhelpful Answer:" (see `spec.UNHELPFUL_MARKER`); a
 rejected reply identical to the chosen one is skipped with that reason.
+
+With --pairs each row is one preference record instead: the prompt is the chosen transcript without
+its last assistant turn (earlier turns kept whole), the chosen and rejected replies are the two
+transcripts' last turns. A row whose transcripts differ before the last reply is skipped, counted,
+rather than trusted (one of them would be answering another conversation); so is one whose two
+replies are identical (nothing to prefer).
 """
 
 from __future__ import annotations
 
 import re
 
+from chatkit.conversation import Preference
 from chatkit.datasets.spec import DatasetSpec, Messages, Skip, field, mark_unhelpful, split_turns
 
 TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]*")
@@ -38,12 +45,26 @@ def rejected(row: dict) -> list[Messages]:
     return [mark_unhelpful(other)] if other else [[]]
 
 
+def pairs(row: dict) -> list[Preference]:
+    """One record: the shared start of the two transcripts, then their two last replies."""
+    chosen, other = transcript(field(row, "chosen")), transcript(field(row, "rejected"))
+    if not chosen or not other:
+        raise Skip("no messages")
+    if chosen[-1].role != "assistant" or other[-1].role != "assistant":
+        raise Skip("does not end with an assistant message")
+    if other[:-1] != chosen[:-1]:
+        raise Skip("chosen and rejected transcripts differ before the last reply")
+    return [Preference(tuple(chosen[:-1]), chosen[-1], other[-1])]
+
+
 SPEC = DatasetSpec(
     name="anthropic_hh",
     repo="Anthropic/hh-rlhf",
     files=("*/train.jsonl.gz",),
     to_conversations=to_conversations,
     rejected=rejected,
+    pairs=pairs,
     description="Anthropic HH-RLHF preference pairs: every Human/Assistant turn of the chosen "
-    "transcript, whose last reply is the preferred answer (Koala).",
+    "transcript, whose last reply is the preferred answer (Koala). With --pairs: the turns before the "
+    "last reply as the prompt, the two transcripts' last replies as chosen and rejected.",
 )

@@ -6,6 +6,10 @@ conversation (`chatkit.conversation.parse_conversation`, so a mapping bug names 
 splits rows into train and val deterministically, writes `train.jsonl` and `val.jsonl`
 atomically and prints the counts: rows read, conversations written, skips by reason.
 
+With --pairs (preference sets whose spec has a `pairs` mapping; the only output of a spec without
+`to_conversations`) the same happens to preference records instead: each is validated with
+`chatkit.conversation.parse_preference`, and the files hold records, not conversations.
+
 Nothing is dropped silently: a row a mapping cannot use is a counted skip with its reason (and
 the first place it happened); a row that breaks the upstream's own format stops the run with
 its file, line or index, and field. A run that would leave train.jsonl empty (an empty input, every
@@ -30,7 +34,14 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from chatkit.conversation import ConversationError, Message, parse_conversation
+from chatkit.conversation import (
+    ROLES,
+    ConversationError,
+    Message,
+    Preference,
+    parse_conversation,
+    parse_preference,
+)
 from chatkit.datasets.sources import DatasetError, download, find_files, iter_rows
 from chatkit.datasets.spec import DatasetSpec, Messages, RowError, Skip
 from chatkit.io import atomic_open
@@ -52,6 +63,8 @@ class Options:
     """Stop after this many rows (quick runs)."""
     keep_rejected: bool = False
     """Preference sets: also write the rejected answer under Koala's unhelpful marker."""
+    pairs: bool = False
+    """Preference sets: write preference records (`spec.pairs`) instead of conversations."""
     files: tuple[str, ...] | None = None
     """Globs of upstream files to download or read from a --source folder (default: the spec's)."""
 
@@ -64,6 +77,8 @@ class Counts:
     skipped: Counter[str] = field(default_factory=Counter)
     first_skip: dict[str, str] = field(default_factory=dict)
     """Where each skip reason was first seen."""
+    unit: str = "conversations"
+    """What a written line is ("conversations" or "pairs"), for the summary and the errors."""
 
     @property
     def written(self) -> int:
@@ -75,7 +90,7 @@ class Counts:
 
     def summary(self) -> str:
         skips = ", ".join(f"{reason} ({n})" for reason, n in self.skipped.most_common())
-        line = f"read {self.rows} rows, wrote {self.train} train + {self.val} val conversations"
+        line = f"read {self.rows} rows, wrote {self.train} train + {self.val} val {self.unit}"
         return f"{line}, skipped {self.skipped.total()}" + (f": {skips}" if skips else "")
 
 
@@ -89,6 +104,31 @@ def problem(messages: Messages) -> str | None:
         return "no user message"
     if messages[-1].role != "assistant":
         return "does not end with an assistant message"
+    return None
+
+
+def pair_problem(pair: Preference) -> str | None:
+    """Why a mapped preference record cannot be trained on, or None; upstream data has such rows.
+
+    Roles outside the schema are left to validation, which names them as the mapping bug they are.
+    """
+    messages = (*pair.prompt, pair.chosen, pair.rejected)
+    if any(m.role not in ROLES for m in messages):
+        return None
+    if not pair.prompt:
+        return "no messages"
+    if any(not m.content.strip() for m in pair.prompt):
+        return "empty message"
+    if not any(m.role == "user" for m in pair.prompt):
+        return "no user message"
+    if pair.prompt[-1].role != "user":
+        return "prompt does not end with a user message"
+    if not pair.chosen.content.strip():
+        return "empty chosen reply"
+    if not pair.rejected.content.strip():
+        return "empty rejected reply"
+    if pair.chosen.content.strip() == pair.rejected.content.strip():
+        return "rejected reply identical to the chosen one"  # nothing for a preference loss to learn
     return None
 
 
@@ -110,24 +150,47 @@ def _validated(messages: Messages, source: str, where: str) -> dict[str, Any]:
     return obj
 
 
-def _map_row(spec: DatasetSpec, row: Any, where: str, keep_rejected: bool, counts: Counts):
-    """Yield the row's valid conversations as dicts; count the skips."""
+def _check_pair_types(pair: Any, where: str) -> None:
+    """A mapping bug in the Python types, named before anything reads the record."""
+    if not isinstance(pair, Preference) or not all(
+        isinstance(m, Message) for m in (*pair.prompt, pair.chosen, pair.rejected)
+    ):
+        raise ConversationError(f"{where}: the pairs mapping must return lists of Preference (of Message)")
+
+
+def _validated_pair(pair: Preference, source: str, where: str) -> dict[str, Any]:
+    obj = {**pair.to_dict(), "source": pair.source or source}
+    parse_preference(obj, where)  # a mapping bug (bad role, a reply that is not the assistant's) stops here
+    return obj
+
+
+def _call(spec: DatasetSpec, mapper: Any, row: Any, where: str) -> list[Any]:
+    """`mapper(row)`, with a broken row named by `where` (Skip passes through to be counted)."""
     try:
-        mapped = [(spec.name, "", m) for m in spec.to_conversations(row)]
-        if keep_rejected and spec.rejected is not None:
-            try:
-                mapped += [(f"{spec.name}/rejected", "rejected: ", m) for m in spec.rejected(row)]
-            except Skip as s:
-                counts.skip(f"rejected: {s.reason}", where)
-    except Skip as s:
-        counts.skip(s.reason, where)
-        return
+        return list(mapper(row))
+    except Skip:
+        raise
     except RowError as e:
         raise DatasetError(f"{where}: {e}") from None
     except Exception as e:  # a row the mapping cannot read at all: name it instead of a traceback
         raise DatasetError(
             f"{where}: cannot map this row ({type(e).__name__}: {e}); is it in {spec.name}'s upstream format?"
         ) from e
+
+
+def _map_row(spec: DatasetSpec, row: Any, where: str, keep_rejected: bool, counts: Counts):
+    """Yield the row's valid conversations as dicts; count the skips."""
+    try:
+        mapped = [(spec.name, "", m) for m in _call(spec, spec.to_conversations, row, where)]
+        if keep_rejected and spec.rejected is not None:
+            try:
+                rejected = _call(spec, spec.rejected, row, where)
+                mapped += [(f"{spec.name}/rejected", "rejected: ", m) for m in rejected]
+            except Skip as s:
+                counts.skip(f"rejected: {s.reason}", where)
+    except Skip as s:
+        counts.skip(s.reason, where)
+        return
     for source, prefix, messages in mapped:
         obj = _validated(messages, source, where) if messages else None
         reason = problem(messages)
@@ -135,6 +198,22 @@ def _map_row(spec: DatasetSpec, row: Any, where: str, keep_rejected: bool, count
             counts.skip(prefix + reason, where)
         else:
             yield obj
+
+
+def _map_pairs(spec: DatasetSpec, row: Any, where: str, counts: Counts):
+    """Yield the row's valid preference records as dicts; count the skips."""
+    try:
+        pairs = _call(spec, spec.pairs, row, where)
+    except Skip as s:
+        counts.skip(s.reason, where)
+        return
+    for pair in pairs:
+        _check_pair_types(pair, where)
+        reason = pair_problem(pair)
+        if reason:
+            counts.skip(reason, where)
+        else:
+            yield _validated_pair(pair, spec.name, where)
 
 
 def _write(f: IO[str], obj: dict[str, Any]) -> None:
@@ -145,6 +224,10 @@ def source_files(spec: DatasetSpec, opts: Options) -> list[Path]:
     patterns = opts.files or spec.files
     if opts.source is not None:
         return find_files(opts.source, patterns)
+    if spec.repo is None:
+        raise DatasetError(
+            f"{spec.name} has no upstream to download: pass --source PATH (a file or a folder)"
+        )
     logger.info("downloading %s (%s) from the Hugging Face hub", spec.repo, ", ".join(patterns))
     return find_files(download(spec, patterns), patterns)
 
@@ -169,11 +252,11 @@ def _nothing_kept(spec: DatasetSpec, opts: Options, files: list[Path], counts: C
         )
         rows = "the only row read was" if counts.rows == 1 else f"all {counts.rows} rows read were"
         return (
-            f"{src}: wrote nothing: {rows} skipped ({reasons or 'no conversation in them'}); "
+            f"{src}: wrote nothing: {rows} skipped ({reasons or f'no {counts.unit} in them'}); "
             f"is it in {spec.name}'s upstream format? (data/{spec.name}/README.md)"
         )
     return (
-        f"{src}: wrote nothing: all {counts.val} conversations kept fell in the held-out split "
+        f"{src}: wrote nothing: all {counts.val} {counts.unit} kept fell in the held-out split "
         f"(--val-fraction {opts.val_fraction}); lower it or read more rows"
     )
 
@@ -194,7 +277,11 @@ def _fill(
                 return
             counts.rows += 1
             held_out = in_val(opts.seed, path.name, index, opts.val_fraction)
-            for obj in _map_row(spec, row, where, opts.keep_rejected, counts):
+            if opts.pairs:
+                mapped = _map_pairs(spec, row, where, counts)
+            else:
+                mapped = _map_row(spec, row, where, opts.keep_rejected, counts)
+            for obj in mapped:
                 _write(val if held_out else train, obj)
                 counts.val += held_out
                 counts.train += not held_out
@@ -203,11 +290,18 @@ def _fill(
 def run(spec: DatasetSpec, opts: Options) -> Counts:
     """Read, map, validate, split and write; returns the counts.
 
-    Raises DatasetError on bad input, and NothingKept (a DatasetError) when no conversation would go
-    to train.jsonl: an empty input, every row skipped (most often a file in another format), or all
-    of them held out. Either way nothing is written and earlier outputs stay."""
+    Raises DatasetError on bad input, and NothingKept (a DatasetError) when no conversation (or
+    record, with `opts.pairs`) would go to train.jsonl: an empty input, every row skipped (most often
+    a file in another format), or all of them held out. Either way nothing is written and earlier
+    outputs stay."""
+    if opts.pairs and spec.pairs is None:
+        raise DatasetError(f"{spec.name} has no preference records to write (no pairs mapping)")
+    if not opts.pairs and spec.to_conversations is None:
+        raise DatasetError(f"{spec.name} writes preference records only: run it with Options(pairs=True)")
+    if opts.pairs and opts.keep_rejected:
+        raise DatasetError("--pairs and --keep-rejected do not combine: a record holds both replies already")
     files = source_files(spec, opts)
-    counts = Counts()
+    counts = Counts(unit="pairs" if opts.pairs else "conversations")
     made = not opts.out.exists()
     try:
         with ExitStack() as stack:
@@ -251,28 +345,67 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
+PAIRS_HELP = (
+    "write preference records instead of conversations: the prompt messages (ending with a user "
+    "message), the chosen and the rejected reply (see chatkit.conversation.parse_preference)"
+)
+
+
+def _upstream(spec: DatasetSpec) -> str:
+    if spec.repo is None:
+        return "upstream: none to download; --source names a local file or folder"
     revision = f" at revision {spec.revision}" if spec.revision else ""
-    description = (
-        textwrap.fill(spec.description, 100)
-        + f"\n\nupstream: https://huggingface.co/datasets/{spec.repo}{revision}\nfiles: {', '.join(spec.files)}"
-    )
+    return f"upstream: https://huggingface.co/datasets/{spec.repo}{revision}"
+
+
+def _epilog(spec: DatasetSpec) -> str:
     script = f"data/{spec.name}/prepare.py"
-    epilog = (
-        f"examples:\n  python {script}  # download, write data/{spec.name}/files/\n"
-        f"  python {script} --source PATH --limit 100  # a local copy, quick look"
-    )
+    lines = ["examples:"]
+    if spec.repo is not None:
+        lines.append(f"  python {script}  # download, write data/{spec.name}/files/")
+    lines.append(f"  python {script} --source PATH --limit 100  # a local copy, quick look")
+    if spec.pairs is not None and spec.to_conversations is not None:
+        lines.append(f"  python {script} --pairs  # preference records (prompt, chosen, rejected)")
+    return "\n".join(lines)
+
+
+def _output_options(p: argparse.ArgumentParser, spec: DatasetSpec) -> None:
+    """--keep-rejected and --pairs, where the spec has them; they exclude each other."""
+    if spec.rejected is None and spec.pairs is None:
+        return  # argparse (3.11) cannot print the usage of an empty group
+    group = p.add_mutually_exclusive_group()
+    if spec.rejected is not None:
+        group.add_argument(
+            "--keep-rejected",
+            action="store_true",
+            help="also write each rejected answer as a conversation whose last user message ends with "
+            "Koala's marker 'An Unhelpful Answer:'",
+        )
+    if spec.pairs is not None and spec.to_conversations is not None:
+        group.add_argument("--pairs", action="store_true", help=PAIRS_HELP)
+    elif spec.pairs is not None:  # accepted, so one command line serves every preference set
+        group.add_argument("--pairs", action="store_true", help="preference records: the only output here")
+
+
+def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
+    description = textwrap.fill(spec.description, 100)
+    if spec.to_conversations is None:
+        description += "\n\nwrites preference records only (prompt, chosen, rejected; see parse_preference)"
+    description += f"\n\n{_upstream(spec)}\nfiles: {', '.join(spec.files)}"
+    script = f"data/{spec.name}/prepare.py"
     p = argparse.ArgumentParser(
         prog=script,
         description=description,
-        epilog=epilog,
+        epilog=_epilog(spec),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--source",
         type=Path,
         metavar="PATH",
-        help="local copy in the upstream's format: a file, or a folder searched with --files",
+        required=spec.repo is None,
+        help="local copy in the upstream's format: a file, or a folder searched with --files"
+        + (" (required: there is no upstream to download)" if spec.repo is None else ""),
     )
     p.add_argument(
         "--out",
@@ -295,13 +428,7 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         "--seed", type=int, default=0, metavar="N", help="changes which rows are held out (%(default)s)"
     )
     p.add_argument("--limit", type=_positive, metavar="N", help="stop after N rows")
-    if spec.rejected is not None:
-        p.add_argument(
-            "--keep-rejected",
-            action="store_true",
-            help="also write each rejected answer as a conversation whose last user message ends with "
-            "Koala's marker 'An Unhelpful Answer:'",
-        )
+    _output_options(p, spec)
     return p
 
 
@@ -314,6 +441,7 @@ def parse_args(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Options:
         seed=args.seed,
         limit=args.limit,
         keep_rejected=getattr(args, "keep_rejected", False),
+        pairs=getattr(args, "pairs", False) or spec.to_conversations is None,
         files=tuple(args.files) if args.files else None,
     )
 

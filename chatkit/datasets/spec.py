@@ -1,7 +1,9 @@
 """What a dataset module declares (a `DatasetSpec`) and the small helpers its row mapping uses.
 
-A dataset module only maps one upstream row to conversations (lists of `Message`); reading the
-upstream files, validation, splitting, writing and counting live in `chatkit.datasets.prepare`.
+A dataset module only maps one upstream row to conversations (lists of `Message`) and, for
+preference sets, to preference records (`Preference`: a prompt and a chosen and a rejected reply);
+reading the upstream files, validation, splitting, writing and counting live in
+`chatkit.datasets.prepare`.
 A mapping raises `Skip` to drop a row with a counted reason, and `RowError` when the row breaks
 the upstream's own format (the run stops and names the file, the row and the field).
 """
@@ -13,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chatkit.conversation import Message
+from chatkit.conversation import Message, Preference
 
 Messages = list[Message]
 RowMapper = Callable[[Any], list[Messages]]
+PairMapper = Callable[[Any], list[Preference]]
 
 UNHELPFUL_MARKER = "An Unhelpful Answer:"
 """Koala's negative preference marker. Koala conditioned the model on "a helpful answer" / "an
@@ -42,20 +45,29 @@ class RowError(ValueError):
 class DatasetSpec:
     name: str
     """Folder under data/ and the `source` written with every conversation."""
-    repo: str
-    """Hugging Face dataset repository the source is downloaded from."""
+    repo: str | None
+    """Hugging Face dataset repository the source is downloaded from; None: only a local --source."""
     files: tuple[str, ...]
     """Globs (relative to the repository root) of the upstream files to download and read."""
-    to_conversations: RowMapper
-    """Maps one upstream row to 0..n conversations; raises `Skip` or `RowError`."""
+    to_conversations: RowMapper | None
+    """Maps one upstream row to 0..n conversations; raises `Skip` or `RowError`. None: `pairs` only."""
     description: str
     """One paragraph for --help: what the upstream is and what the mapping does."""
     revision: str | None = None
     """Repository revision to download (e.g. the hub's parquet conversion branch)."""
     rejected: RowMapper | None = None
     """Preference sets: maps a row to its rejected-answer conversations; enables --keep-rejected."""
+    pairs: PairMapper | None = None
+    """Preference sets: maps a row to 0..n preference records (the source is filled in); enables
+    --pairs, or is the only output when `to_conversations` is None."""
     val_fraction: float = 0.01
     """Default share of rows held out in val.jsonl."""
+
+    def __post_init__(self) -> None:
+        if self.to_conversations is None and self.pairs is None:
+            raise ValueError(f"dataset {self.name!r}: needs to_conversations, pairs or both")
+        if self.rejected is not None and self.to_conversations is None:
+            raise ValueError(f"dataset {self.name!r}: rejected conversations need to_conversations")
 
 
 # --- helpers for row mappings ---------------------------------------------------------------------
@@ -152,3 +164,17 @@ def preference_mappers(pair: Callable[[Any], tuple[str, str, str]]) -> tuple[Row
         return [mark_unhelpful([user(prompt), assistant(other)])]
 
     return to_conversations, rejected
+
+
+def preference_pairs(pair: Callable[[Any], tuple[str, str, str]]) -> PairMapper:
+    """The --pairs mapping for the same single-turn comparison rows as `preference_mappers`.
+
+    One record per row: the prompt as the only user message, the preferred and the other answer as
+    the chosen and the rejected reply, with no marker (a preference loss compares them itself).
+    """
+
+    def pairs(row: Any) -> list[Preference]:
+        prompt, preferred, other = pair(row)
+        return [Preference((user(prompt),), assistant(preferred), assistant(other))]
+
+    return pairs

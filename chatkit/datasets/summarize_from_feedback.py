@@ -6,7 +6,8 @@ validation split is left out, we hold out our own val). OpenAI's own batch files
 (`comparisons/batch*.json`, JSON lines) read the same. Fields used: `info.post`, `info.title`,
 `info.subreddit` (CNN/DM rows: `info.article`), `summaries[].text` and `choice` (the index of the
 preferred summary). Following Koala the chosen summary is the reply. With --keep-rejected the other
-summary is written too, the request ending with Koala's marker "An Unhelpful Answer:".
+summary is written too, the request ending with Koala's marker "An Unhelpful Answer:". With --pairs
+each comparison is one preference record instead: the request, the chosen summary and the other.
 
 Assumption: the user message is our own request wording around the Reddit TL;DR layout of the
 paper ("SUBREDDIT: r/..., TITLE: ..., POST: ..."); Koala did not publish its prompt.
@@ -20,6 +21,7 @@ from chatkit.datasets.spec import (
     Skip,
     field,
     preference_mappers,
+    preference_pairs,
 )
 
 
@@ -50,6 +52,7 @@ def _pair(row: dict) -> tuple[str, str, str]:
 
 
 to_conversations, rejected = preference_mappers(_pair)
+pairs = preference_pairs(_pair)
 
 
 SPEC = DatasetSpec(
@@ -59,6 +62,8 @@ SPEC = DatasetSpec(
     files=("comparisons/*train*.parquet",),
     to_conversations=to_conversations,
     rejected=rejected,
+    pairs=pairs,
     description="OpenAI summarize-from-feedback comparisons: a request to summarize the post, "
-    "then the summary the labeler chose (Koala).",
+    "then the summary the labeler chose (Koala). With --pairs: the request as the prompt, the chosen "
+    "summary as chosen and the other as rejected.",
 )

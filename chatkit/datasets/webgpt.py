@@ -6,7 +6,8 @@ line a pair of records with `question`, `answer`, `score`) reads too. Fields use
 `question.full_text`, `answer_0`/`answer_1`, `score_0`/`score_1` (a preference from -1 to 1; the
 positive one is preferred). Following Koala the preferred answer is the reply to the question;
 ties (equal scores) are skipped. With --keep-rejected the other answer is written too, the
-question ending with Koala's marker "An Unhelpful Answer:".
+question ending with Koala's marker "An Unhelpful Answer:". With --pairs each comparison is one
+preference record instead: the question, the preferred answer (chosen) and the other (rejected).
 
 Not used: the browsing quotes (`quotes_*`) and tokens; answers may cite them as [1], [2].
 """
@@ -21,6 +22,7 @@ from chatkit.datasets.spec import (
     Skip,
     field,
     preference_mappers,
+    preference_pairs,
 )
 
 
@@ -47,6 +49,7 @@ def _pair(row: Any) -> tuple[str, str, str]:
 
 
 to_conversations, rejected = preference_mappers(_pair)
+pairs = preference_pairs(_pair)
 
 
 SPEC = DatasetSpec(
@@ -56,6 +59,8 @@ SPEC = DatasetSpec(
     files=("*.parquet",),
     to_conversations=to_conversations,
     rejected=rejected,
+    pairs=pairs,
     description="OpenAI WebGPT comparisons: the question, then the answer humans preferred "
-    "(Koala); ties are skipped.",
+    "(Koala); ties are skipped. With --pairs: the question as the prompt, the preferred answer as "
+    "chosen and the other as rejected.",
 )

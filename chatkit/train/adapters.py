@@ -38,6 +38,22 @@ def load_base(cfg: TrainConfig, device: torch.device):
     return AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
 
 
+def keep_training_layout(model) -> None:
+    """Leave bitsandbytes' 4-bit layers in training mode inside an eval-mode model.
+
+    On CPUs with AVX512-BF16, a 4-bit layer that runs in eval mode without gradients repacks its weight
+    into an inference-only layout and never packs it back; the next training step then fails ("a view
+    of a leaf Variable that requires grad is being used in an in-place operation"). Their training flag
+    changes nothing else (dropout lives in other modules), so evaluation stays deterministic."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.training = True
+
+
 def apply_adapters(model, cfg: TrainConfig):
     """Gradient checkpointing, k-bit preparation and LoRA as the config says; returns the model to train."""
     if cfg.quantize:

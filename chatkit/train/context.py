@@ -69,4 +69,4 @@ def make_run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> R
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     template = get_template(cfg.template, tokenizer)
     added = add_template_tokens(tokenizer, template)
-    return Run(cfg, rank, world, device, tokenizer, template, added, get_method("sft"))
+    return Run(cfg, rank, world, device, tokenizer, template, added, get_method(cfg))

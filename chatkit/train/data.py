@@ -8,7 +8,7 @@ import os
 
 from loguru import logger
 
-from chatkit.data import Batches, DataSource, TokenizedSet, describe, save_data_stats, tokenize_file
+from chatkit.data import Batches, DataSource, Pair, TokenizedSet, describe, save_data_stats, tokenize_file
 from chatkit.tokenization import IGNORE_INDEX, Encoded
 from chatkit.train.context import Run
 
@@ -32,6 +32,7 @@ def load_sets(specs: list[str], run: Run) -> list[TokenizedSet]:
                     procs if run.main else 1,
                     cfg.cache_dir or None,
                     show_progress=run.main,
+                    pairs=run.method.pairs,
                 )  # fmt: skip
                 for spec in specs
             ]
@@ -59,8 +60,8 @@ def load_data(run: Run, dp_rank: int, dp_world: int) -> tuple[Batches, list[Toke
     return batches, val_sets
 
 
-def val_shard(sets: list[TokenizedSet], rank: int, world: int, multiple: int = 1) -> list[Encoded]:
-    """This replica's validation conversations, as many on every replica (a multiple of `multiple`).
+def val_shard(sets: list[TokenizedSet], rank: int, world: int, multiple: int = 1) -> list[Encoded | Pair]:
+    """This replica's validation examples, as many on every replica (a multiple of `multiple`).
 
     Engines run forward passes collectively (ZeRO-3 gathers, pipelines pass activations), so shards
     are padded with a copy of an example whose labels are all ignored: it adds no loss and no count.
@@ -68,5 +69,11 @@ def val_shard(sets: list[TokenizedSet], rank: int, world: int, multiple: int = 1
     examples = [s.example(i) for s in sets for i in range(len(s))]
     per_rank = math.ceil(math.ceil(len(examples) / world) / multiple) * multiple
     shard = examples[rank::world]
-    filler = Encoded(examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].input_ids))
-    return shard + [filler] * (per_rank - len(shard))
+    return shard + [filler(examples[0])] * (per_rank - len(shard))
+
+
+def filler(example: Encoded | Pair) -> Encoded | Pair:
+    """A copy of `example` with nothing trained (a pair of such copies: collate_pairs weighs it 0)."""
+    if isinstance(example, Pair):
+        return Pair(filler(example.chosen), filler(example.rejected))
+    return Encoded(example.input_ids, [IGNORE_INDEX] * len(example.input_ids))

@@ -33,12 +33,18 @@ class Engine(Protocol):
     def dp_sum(self, values: list[float]) -> list[float]:
         """Sum over the data-parallel replicas, on the engine's device."""
 
-    def train_step(self, micro: list[Batch], count: float) -> float:
-        """One optimizer step over this replica's micro-batches; `count` is the trained-token count of
-        the whole step (all replicas). Returns the step's loss per trained token, the same on all ranks."""
+    def train_step(self, micro: list[Batch], count: float) -> dict[str, float]:
+        """One optimizer step over this replica's micro-batches; `count` is the method's count of the
+        whole step (all replicas: trained tokens, or pairs). Returns {"loss": the step's loss per unit,
+        and the method's statistics per unit}, the same on all ranks."""
 
-    def evaluate(self, val_sets: list[TokenizedSet]) -> float:
-        """Validation loss per trained token over every replica's shard, the same on all ranks."""
+    def evaluate(self, val_sets: list[TokenizedSet]) -> dict[str, float]:
+        """{"loss": validation loss per unit, and the method's statistics} over every replica's shard,
+        the same on all ranks."""
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The model's logits for `batch`, without gradients (the reference pass of preference
+        training; every rank calls it as often). The pipeline engine does not offer it."""
 
     def sample(self, prompts: list[str]) -> list[str]:
         """Greedy replies to `prompts`, the same on all ranks (which stop together)."""

@@ -53,7 +53,8 @@ def announce(run: Run, engine: Engine, batches: Batches, steps: int) -> None:
     layout, n_params = engine.describe()
     rows = cfg.micro_batch_size * engine.dp_world * cfg.gradient_accumulation_steps
     logger.info(
-        f"{sum(len(t) for t in batches.sets)} conversations, {'packed ' if cfg.pack else ''}rows of "
+        f"{sum(len(t) for t in batches.sets)} {'preference pairs' if run.method.pairs else 'conversations'}, "
+        f"{'packed ' if cfg.pack else ''}rows of "
         f"{cfg.max_length}, {layout}, {rows} rows per step, {steps} steps, {n_params:,} parameters, "
         f"deepspeed={cfg.deepspeed}, {cfg.precision}"
     )
@@ -65,10 +66,12 @@ def evaluate(
     """Validation loss and perplexity, and sample replies to the recipe's eval_prompts, logged."""
     row: dict[str, float] = {}
     if val_sets:
-        val_loss = engine.evaluate(val_sets)
-        row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        result = engine.evaluate(val_sets)
+        row = {f"val_{k}": v for k, v in result.items()}
+        if not run.method.pairs:
+            row["val_ppl"] = math.exp(min(row["val_loss"], 50))
         if run.main:
-            logger.info(f"eval step {step} | val_loss {val_loss:.4f} | ppl {row['val_ppl']:.2f}")
+            logger.info(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
     if run.cfg.eval_prompts:
         replies = engine.sample(run.cfg.eval_prompts)
         if run.main:
@@ -113,7 +116,8 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
         count, tokens = engine.dp_sum(
             [sum(run.method.count(b) for b in micro), sum(real_tokens(b) for b in micro)]
         )
-        loss = engine.train_step(micro, count)
+        result = engine.train_step(micro, count)
+        loss = result["loss"]
         if not math.isfinite(loss):  # the same value on every rank: all stop here, nothing is saved
             raise RunError(
                 f"the loss is {loss} at step {step}: stopping without saving (checkpoints so far are kept); "
@@ -124,7 +128,7 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
         monitor.count_tokens(tokens)
         bar.update(1)
         if step % cfg.log_every == 0 or step == steps:
-            last = monitor.log_step(step, steps, per_epoch, loss, engine.lr())
+            last = monitor.log_step(step, steps, per_epoch, result, engine.lr())
         if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
             last.update(evaluate(run, engine, val_sets, step, monitor))
         if cfg.save_every and step % cfg.save_every == 0 and step != steps:

@@ -34,6 +34,12 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["segment_ids"] >= 0).sum())
 
 
+def per_unit(stat_names: tuple[str, ...], sums: list[float], count: float) -> dict[str, float]:
+    """{"loss": ..., stat: ...}: the summed loss and statistics of a step (or an evaluation), all
+    replicas, divided by the units they were summed over."""
+    return dict(zip(("loss", *stat_names), (v / max(count, 1) for v in sums), strict=True))
+
+
 def step_scale(global_count: float, replicas: int, accumulation: int) -> float:
     """Per-micro-batch loss factor: engines divide by accumulation and average over replicas; undo
     both, so the gradient is that of (sum of token losses / trained tokens of the step)."""

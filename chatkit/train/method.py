@@ -1,20 +1,24 @@
 """Training methods: what turns rows into a loss. The loop and the engines never look inside one.
 
 A method is a collate (rows of tokenized examples -> a batch of tensors) plus a loss (the model's
-logits and that batch -> a summed loss) plus the count that loss is normalised by. Supervised
-fine-tuning is the first; a preference method adds its own three functions, not a new loop.
+logits and that batch -> a summed loss and summed statistics) plus the count that loss is normalised
+by. Supervised fine-tuning is the first; preference training (DPO and its relatives,
+chatkit.train.preference) is the second: its own three functions, not a new loop.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from chatkit.data import collate_rows
-from chatkit.tokenization import Encoded
+from chatkit.config import TrainConfig
+from chatkit.data import collate_pairs, collate_rows
 from chatkit.train.loss import token_loss_sum, trained_count
+from chatkit.train.preference import STATS, PreferenceLoss, pair_count, preference_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -22,24 +26,47 @@ Batch = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class Method:
     name: str
-    collate: Callable[[Sequence[Sequence[Encoded]], int], Batch]
+    collate: Callable[[Sequence[Sequence[Any]], int], Batch]
     """Rows (each a list of whole examples packed together) and the pad id -> a batch (B, T)."""
-    loss_sum: Callable[[torch.Tensor, Batch], torch.Tensor]
-    """Logits (B, T, V) and the batch -> the summed loss of the batch (divided later by `count`s)."""
+    loss: Callable[[torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
+    """Logits (B, T, V) and the batch -> (summed loss, summed statistics in `stat_names` order); both
+    are divided later by the `count`s of the whole step."""
     count: Callable[[Batch], int]
-    """The units the loss is a sum over (trained tokens for SFT)."""
+    """The units the loss is a sum over (trained tokens for SFT, pairs for preference losses)."""
+    stat_names: tuple[str, ...] = ()
+    """Statistics logged beside the loss, each a mean per counted unit."""
+    pairs: bool = False
+    """Reads preference records (chatkit.conversation.Preference) instead of conversations."""
+    reference: PreferenceLoss | None = None
+    """Set when the loss compares against the model before training (its log-probabilities are
+    computed once, chatkit.train.reference)."""
+
+    def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The summed loss alone (the pipeline engine's loss function)."""
+        return self.loss(logits, batch)[0]
 
 
-def _sft_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return token_loss_sum(logits, batch["labels"])
+def _sft_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_loss_sum(logits, batch["labels"]), torch.zeros(0)
 
 
 SFT = Method("sft", collate_rows, _sft_loss, trained_count)
-METHODS: dict[str, Method] = {SFT.name: SFT}
+METHODS = ("sft", "dpo")
 
 
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown training method {name!r}; known: {', '.join(METHODS)}") from None
+def get_method(cfg: TrainConfig) -> Method:
+    """The config's method: sft, or dpo with its `preference_loss` and parameters."""
+    if cfg.method == "sft":
+        return SFT
+    if cfg.method != "dpo":
+        raise ValueError(f"unknown training method {cfg.method!r}; known: {', '.join(METHODS)}")
+    loss = PreferenceLoss(cfg.preference_loss, cfg.beta, cfg.simpo_gamma)
+    return Method(
+        f"dpo:{loss.kind}",
+        collate_pairs,
+        functools.partial(preference_loss, loss),
+        pair_count,
+        STATS,
+        pairs=True,
+        reference=loss if loss.needs_reference else None,
+    )

@@ -13,6 +13,9 @@ from loguru import logger
 from chatkit.config import TrainConfig
 from chatkit.io import atomic_open
 
+PREFERENCE_SHOWN = ("reward_accuracy", "reward_margin")
+"""Statistics of preference training shown on the step line (metrics.jsonl and wandb get them all)."""
+
 
 class Monitor:
     def __init__(self, cfg: TrainConfig, out: Path, enabled: bool, after: int = 0):
@@ -37,14 +40,15 @@ class Monitor:
         self.tokens_since += n
 
     def log_step(
-        self, step: int, total: int, steps_per_epoch: int, loss: float, lr: float
+        self, step: int, total: int, steps_per_epoch: int, result: dict[str, float], lr: float
     ) -> dict[str, float]:
-        """The step's metrics row (on every rank, for the caller's `last`), logged on rank 0."""
+        """The step's metrics row (on every rank, for the caller's `last`), logged on rank 0.
+        `result`: the engine's {"loss": ..., and the method's statistics}."""
         now = time.perf_counter()
         row = {
             "step": step,
             "epoch": round(step / max(steps_per_epoch, 1), 4),
-            "loss": loss,
+            **result,
             "lr": lr,
             "tokens_per_s": self.tokens_since / (now - self.t_last),
         }
@@ -55,8 +59,9 @@ class Monitor:
     def step(self, m: dict[str, float], total: int) -> None:
         if not self.enabled:
             return
+        extra = "".join(f" | {k} {m[k]:.4f}" for k in PREFERENCE_SHOWN if k in m)
         logger.info(
-            f"step {m['step']}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+            f"step {m['step']}/{total} | loss {m['loss']:.4f}{extra} | lr {m['lr']:.2e} | "
             f"tok/s {m['tokens_per_s']:,.0f} | epoch {m['epoch']:.2f}"
         )
         self.write(m)
@@ -92,7 +97,8 @@ def keep_rows_up_to(path: Path, step: int) -> None:
 
 
 def plot_curves(metrics: Path, png: Path) -> None:
-    """Loss (train and validation) and learning rate against step."""
+    """Loss (train and validation) and learning rate against step; preference runs add the reward
+    accuracy (train and validation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,13 +109,25 @@ def plot_curves(metrics: Path, png: Path) -> None:
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train:
         return
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    accuracy = [(r["step"], r["reward_accuracy"]) for r in rows if "reward_accuracy" in r]
+    val_accuracy = [(r["step"], r["val_reward_accuracy"]) for r in rows if "val_reward_accuracy" in r]
+    panels = 3 if accuracy else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3 * panels), sharex=True)
+    ax_loss, ax_lr = axes[0], axes[-1]
     ax_loss.plot([s for s, _, _ in train], [v for _, v, _ in train], label="train")
     if val:
         ax_loss.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation")
-    ax_loss.set_ylabel("loss per trained token")
-    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("preference loss per pair" if accuracy else "loss per trained token")
+    if not accuracy and all(v > 0 for _, v, _ in train):
+        ax_loss.set_yscale("log")
     ax_loss.legend()
+    if accuracy:
+        axes[1].plot(*zip(*accuracy, strict=True), label="train")
+        if val_accuracy:
+            axes[1].plot(*zip(*val_accuracy, strict=True), "o-", label="validation")
+        axes[1].set_ylabel("reward accuracy")
+        axes[1].set_ylim(0, 1)
+        axes[1].legend()
     ax_lr.plot([s for s, _, _ in train], [lr for _, _, lr in train], color="tab:orange")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")

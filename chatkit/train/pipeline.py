@@ -101,15 +101,15 @@ class PipelineEngine:
         """Sum over this stage's data-parallel group, on the rank's device (nccl has no CPU tensors)."""
         return all_sum(values, self.run.device, self.engine.grid.get_data_parallel_group())
 
-    def train_step(self, micro: list[Batch], count: float) -> float:
+    def train_step(self, micro: list[Batch], count: float) -> dict[str, float]:
         # Every stage draws the same micro-batches; the engine reads them on the first and last only.
         scale = step_scale(count, self.dp_world, len(micro))
         items = [pipeline_batch(b, scale) for b in micro]
         # Already the per-token loss of the step: the mean over micro-batches and replicas of
         # loss_sum * scale, broadcast from the last stage.
-        return float(self.engine.train_batch(data_iter=iter(items)))
+        return {"loss": float(self.engine.train_batch(data_iter=iter(items)))}
 
-    def evaluate(self, val_sets: list[TokenizedSet]) -> float:
+    def evaluate(self, val_sets: list[TokenizedSet]) -> dict[str, float]:
         """Validation loss per trained token through `eval_batch`, scaled as in training."""
         method, mbs = self.run.method, self.run.cfg.micro_batch_size
         shard = val_shard(val_sets, self.dp_rank, self.dp_world, mbs)
@@ -120,7 +120,10 @@ class PipelineEngine:
         (count,) = self.dp_sum([sum(method.count(b) for b in batches)])
         scale = step_scale(count, self.dp_world, len(batches))
         items = [pipeline_batch(b, scale) for b in batches]
-        return float(self.engine.eval_batch(data_iter=iter(items), num_micro_batches=len(items)))
+        return {"loss": float(self.engine.eval_batch(data_iter=iter(items), num_micro_batches=len(items)))}
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError("the pipeline engine trains sft only (config validation says so)")
 
     def _next_token(self, ids: list[int]) -> int:
         """Greedy next token of `ids`: one forward through every stage (`eval_batch` returning logits on

@@ -81,4 +81,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     engine = make_engine(run)
     batches, val_sets = load_data(run, engine.dp_rank, engine.dp_world)
     engine.setup(total_steps(run, batches)[0])
+    if run.method.reference is not None:  # before resuming: the reference is the starting model
+        from chatkit.train import reference
+
+        reference.attach(run, engine, [*batches.sets, *val_sets])
     return fit(run, engine, batches, val_sets)

@@ -6,6 +6,8 @@ over them. Packed rows attend block-diagonally (per-conversation positions and a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from chatkit.train.data import val_shard
 from chatkit.train.distributed import all_sum
 from chatkit.train.dsconfig import lr_lambda, resolve_ds_config
 from chatkit.train.engine import Batch
-from chatkit.train.loss import step_scale
+from chatkit.train.loss import per_unit, step_scale
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -92,34 +94,52 @@ class ZeroEngine:
             input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
         ).logits
 
-    def train_step(self, micro: list[Batch], count: float) -> float:
+    def train_step(self, micro: list[Batch], count: float) -> dict[str, float]:
         # DeepSpeed divides by the accumulation steps and averages over ranks: the scale undoes both.
+        method = self.run.method
         scale = step_scale(count, self.dp_world, len(micro))
-        total = 0.0
+        sums = torch.zeros(1 + len(method.stat_names), dtype=torch.float64)
         for b in micro:
             b = to_device(b, self.run.device)
-            loss_sum = self.run.method.loss_sum(self._logits(b), b)
+            loss_sum, stats = method.loss(self._logits(b), b)
             self.engine.backward(loss_sum * scale)
             self.engine.step()
-            total += float(loss_sum.detach())
-        return self.dp_sum([total])[0] / max(count, 1)
+            sums += torch.cat([loss_sum.detach().reshape(1), stats]).double().cpu()
+        return per_unit(method.stat_names, self.dp_sum(sums.tolist()), count)
 
-    def evaluate(self, val_sets: list[TokenizedSet]) -> float:
-        """Validation loss per trained token over all ranks, one conversation per row."""
+    def evaluate(self, val_sets: list[TokenizedSet]) -> dict[str, float]:
+        """Validation loss (and the method's statistics) per unit over all ranks, one example per row."""
         method, mbs = self.run.method, self.run.cfg.micro_batch_size
         shard = val_shard(val_sets, self.dp_rank, self.dp_world)
-        self.engine.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
+        sums = torch.zeros(2 + len(method.stat_names), dtype=torch.float64)
+        with self._inference():
             for i in range(0, len(shard), mbs):
                 batch = to_device(
                     method.collate([[e] for e in shard[i : i + mbs]], self.run.pad_id), self.run.device
                 )
-                total += float(method.loss_sum(self._logits(batch), batch))
-                count += method.count(batch)
-        self.engine.train()
-        total, count = self.dp_sum([total, count])
-        return total / max(count, 1)
+                loss_sum, stats = method.loss(self._logits(batch), batch)
+                sums[:-1] += torch.cat([loss_sum.reshape(1), stats]).double().cpu()
+                sums[-1] += method.count(batch)
+        *totals, count = self.dp_sum(sums.tolist())
+        return per_unit(method.stat_names, totals, count)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Logits of `batch` without gradients, in eval mode (collective under ZeRO-3: every rank calls
+        it as often). The reference pass of preference training (chatkit.train.reference) uses it."""
+        with self._inference():
+            return self._logits(to_device(batch, self.run.device))
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode and no gradients for the duration, then training mode again (4-bit layers keep
+        their training layout: adapters.keep_training_layout)."""
+        self.engine.eval()
+        adapters.keep_training_layout(self.engine.module)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.engine.train()
 
     def _same_token(self, token: int) -> int:
         """Rank 0's choice on every rank: ZeRO-3 forwards are collective, so ranks must stop together
@@ -136,6 +156,7 @@ class ZeroEngine:
 
         run = self.run
         chat = ChatEngine(self.engine.module, run.tokenizer, run.template, run.device, self._same_token)
+        adapters.keep_training_layout(self.engine.module)  # ChatEngine put the model in eval mode
         params = GenerationParams(max_new_tokens=64, sample=False)
         try:
             return [chat.reply([Message("user", p)], params) for p in prompts]
