@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.chatkit-installed
 TORCH_INDEX ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-fast test-gpu bench lint format clean
+.PHONY: install demo demo-dpo test test-fast test-gpu bench lint format clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: install
 	bash tools/demo.sh
+
+# DPO on the demo's model (runs `make demo` first when outputs/demo/hf is missing).
+demo-dpo: install
+	bash tools/demo_dpo.sh
 
 # Every tier: the fast one, the slow end-to-end runs, and the gpu tier (which skips, saying why,
 # without a CUDA device). Plain `pytest` (and `make test-fast`) is the fast tier alone.

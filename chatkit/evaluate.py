@@ -1,6 +1,11 @@
-"""Held-out exact-match evaluation through the chat engine (the one bot.py uses).
+"""Held-out evaluation: exact match through the chat engine (the one bot.py uses), and preference
+accuracy on held-out pairs.
 
-Each conversation's last message is the reference answer; the model answers given everything before it.
+Exact match: each conversation's last message is the reference answer; the model answers given
+everything before it. Preferences: each pair is scored as training scores it (chatkit.data.fit_pair,
+the template's labels); against a reference model (the one preference training started from) the
+accuracy is DPO's reward accuracy, beta x (log-ratio of the chosen reply - log-ratio of the rejected
+one) > 0; without one it is the share of pairs whose chosen reply is the more likely.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from chatkit.chat import ChatEngine, GenerationParams
-from chatkit.conversation import Conversation, read_jsonl
+from chatkit.conversation import Conversation, iter_preferences, read_jsonl
 from chatkit.io import write_jsonl
 
 
@@ -49,3 +54,66 @@ def evaluate_exact_match(
         write_jsonl(predictions, rows)
     per = {s: (right[s], total[s]) for s in sorted(total)}
     return EvalResult(sum(right.values()), sum(total.values()), per)
+
+
+@dataclass
+class PreferenceResult:
+    correct: int
+    total: int
+    margin: float
+    """Mean of beta x (chosen - rejected) log-ratio (reward margin), or of the log-probability gap."""
+    skipped: int
+    """Pairs that do not fit the model's context (or score nothing)."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def pair_logps(engine: ChatEngine, pairs: list, batch_size: int = 8):
+    """(pairs, 2) summed log-probabilities of each pair's chosen and rejected replies."""
+    import torch
+
+    from chatkit.data import block_causal_mask, collate_pairs
+    from chatkit.tokenization import padding_id
+    from chatkit.train.preference import sequence_logps
+
+    out = []
+    model = engine.model
+    device = next(model.parameters()).device
+    for i in range(0, len(pairs), batch_size):
+        batch = collate_pairs([[p] for p in pairs[i : i + batch_size]], padding_id(engine.tokenizer))
+        mask = block_causal_mask(batch["segment_ids"], next(model.parameters()).dtype).to(device)
+        with torch.no_grad():
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=mask,
+                position_ids=batch["position_ids"].to(device),
+            ).logits
+        logps, _ = sequence_logps(logits, {k: v.to(device) for k, v in batch.items()})
+        out.append(logps.double().cpu().view(-1, 2))
+    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def evaluate_preferences(
+    engine: ChatEngine, path: str, reference: ChatEngine | None = None, beta: float = 0.1
+) -> PreferenceResult:
+    """Reward accuracy of `engine` against `reference` on the pairs of `path` (or, without a reference,
+    how often the chosen reply is the more likely)."""
+    from chatkit.data import fit_pair
+
+    context = getattr(engine.model.config, "max_position_embeddings", None) or 2048
+    pairs, skipped = [], 0
+    for pref in tqdm(list(iter_preferences(path)), desc="score pairs", leave=False):
+        pair, _ = fit_pair(engine.tokenizer, engine.template, pref, 2 * context)
+        fits = pair is not None and max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) <= context
+        if fits:
+            pairs.append(pair)
+        else:
+            skipped += 1
+    logps = pair_logps(engine, pairs)
+    if reference is not None:
+        logps = beta * (logps - pair_logps(reference, pairs))
+    gap = logps[:, 0] - logps[:, 1]
+    margin = float(gap.mean()) if len(gap) else 0.0
+    return PreferenceResult(int((gap > 0).sum()), len(pairs), margin, skipped)

@@ -46,6 +46,8 @@ def count_gpus() -> int:
 
 
 DEMO_TRAIN = "data/demo/files/train.jsonl"
+DEMO_PAIRS = "data/demo/files/pairs_train.jsonl"
+"""The tiny variant's data: the demo's conversations, or its preference pairs for method=dpo."""
 
 
 def gpus_per_node(args: argparse.Namespace) -> int:
@@ -102,7 +104,8 @@ def tiny_overrides(cfg: TrainConfig, recipe: str, ranks: int, gpu: bool) -> list
     arch = ARCHITECTURES.get(base["model_type"] if base else "", ARCHITECTURES["gpt_neox"])
     tiny = arch.tiny
     out = [
-        f"model=pretrained/{tiny}/model", f"train_files=[{DEMO_TRAIN}]", "val_files=[]", "eval_prompts=[]",
+        f"model=pretrained/{tiny}/model", f"train_files=[{DEMO_PAIRS if cfg.method == 'dpo' else DEMO_TRAIN}]",
+        "val_files=[]", "eval_prompts=[]",
         f"output_dir=outputs/{Path(recipe).stem}-tiny", "max_steps=4", f"max_length={min(cfg.max_length, 256)}",
         "micro_batch_size=2", f"gradient_accumulation_steps={min(cfg.gradient_accumulation_steps, 2)}",
         "warmup_steps=1", "save_every=0", "eval_every=0", "log_every=1", "resume=", "train_log_backend=[loguru]",
@@ -122,20 +125,30 @@ def tiny_overrides(cfg: TrainConfig, recipe: str, ranks: int, gpu: bool) -> list
 
 def tiny_inputs(cfg: TrainConfig) -> set[str]:
     """The inputs of `cfg` that `ensure_tiny_inputs` builds when they are missing."""
-    built = {DEMO_TRAIN} & set(cfg.train_files)
+    built = {DEMO_TRAIN, DEMO_PAIRS} & set(cfg.train_files)
     built |= {cfg.model} & {f"pretrained/{arch.tiny}/model" for arch in ARCHITECTURES.values()}
     return built
 
 
 def ensure_tiny_inputs(cfg: TrainConfig) -> None:
     """Write the demo data and build the tiny base the tiny variant uses, when they are missing."""
-    if DEMO_TRAIN in cfg.train_files and not Path(DEMO_TRAIN).is_file():
+    tiny_bases = {f"pretrained/{arch.tiny}/model" for arch in ARCHITECTURES.values()}
+    needed = {DEMO_TRAIN, DEMO_PAIRS} & set(cfg.train_files) or (
+        {DEMO_TRAIN} if cfg.model in tiny_bases else set()
+    )
+    if any(not Path(p).is_file() for p in needed):
         from chatkit.conversation import write_conversations
-        from chatkit.datasets.synthetic import make_splits
+        from chatkit.datasets.synthetic import make_preference_pairs, make_splits
+        from chatkit.io import write_jsonl
 
         train, heldout = make_splits(20000, 100)  # data/demo/prepare.py's defaults
-        write_conversations(DEMO_TRAIN, train)
-        write_conversations(Path(DEMO_TRAIN).with_name("heldout.jsonl"), heldout)
+        if not Path(DEMO_TRAIN).is_file():
+            write_conversations(DEMO_TRAIN, train)
+            write_conversations(Path(DEMO_TRAIN).with_name("heldout.jsonl"), heldout)
+        if DEMO_PAIRS in needed and not Path(DEMO_PAIRS).is_file():
+            pairs, held_pairs = make_preference_pairs(3000, heldout, 1)  # data/demo/prepare.py --pairs 3000
+            write_jsonl(DEMO_PAIRS, (p.to_dict() for p in pairs))
+            write_jsonl(Path(DEMO_PAIRS).with_name("pairs_heldout.jsonl"), (p.to_dict() for p in held_pairs))
         print(f"wrote the demo data to {Path(DEMO_TRAIN).parent}/", file=sys.stderr)
     for arch in ARCHITECTURES.values():
         path = f"pretrained/{arch.tiny}/model"

@@ -63,13 +63,29 @@ def list_models() -> list[str]:
 
 
 def spec_for_path(model: str) -> ModelSpec | None:
-    """The registry entry a recipe's `model` names: `pretrained/<name>/model`, `<name>` or a hub id."""
+    """The registry entry a recipe's `model` names: `pretrained/<name>/model`, `<name>`, a hub id, or
+    `outputs/<recipe>/hf`, the export of a recipe's run (a DPO recipe starts from one): that recipe's
+    base, whose architecture and size it has."""
     path = Path(model)
     for name in (path.parent.name if path.name == "model" else path.name, model):
         if spec := _lookup(name):
             return spec
     hub = model.casefold()  # hub ids are case-insensitive too
-    return next((s for s in _REGISTRY.values() if s.hf_id and s.hf_id.casefold() == hub), None)
+    found = next((s for s in _REGISTRY.values() if s.hf_id and s.hf_id.casefold() == hub), None)
+    return found or _export_of_recipe(path)
+
+
+def _export_of_recipe(path: Path) -> ModelSpec | None:
+    import yaml
+
+    recipe = Path(__file__).resolve().parents[1] / "config" / f"{path.parent.name}.yaml"
+    if path.name != "hf" or path.parent.parent.name != "outputs" or not recipe.is_file():
+        return None
+    try:
+        base = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("model")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return spec_for_path(base) if isinstance(base, str) and Path(base) != path else None
 
 
 register_model(

@@ -148,6 +148,10 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
     else:
         hub = f"{spec.hf_id}, " if spec.hf_id else ""
         lines = [f"model: {spec.name} ({hub}{spec.architecture}), {_count(total)} parameters"]
+        if spec_for_path(str(Path(cfg.model).parent)) is None and Path(cfg.model).name == "hf":
+            lines[0] = (
+                f"model: {cfg.model}, the export of a {spec.name} run ({spec.architecture}), {_count(total)} parameters"
+            )
     lines.append(f"world: {world.ranks} rank(s) = {where}")
     lines.append(f"parallelism: {stages} pipeline stage(s) x {dp} data-parallel")
     if world.ranks % stages:
@@ -218,4 +222,25 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
         lines.append(
             f"memory per GPU: {_size(sum(mem.values()))} = {parts}; {formula}; activations not included"
         )
+    if cfg.method == "dpo":
+        lines.append(preference_line(cfg, total if spec is not None else None, dp))
     return lines
+
+
+def preference_line(cfg: TrainConfig, params: int | None, dp: int) -> str:
+    """What preference training adds: for the reference-based losses, one scoring pass before step 1
+    and 16 bytes a pair; the memory a second, frozen reference model would take is not spent."""
+    head = f"method: dpo, {cfg.preference_loss} loss, beta={cfg.beta:g}; rows hold whole pairs (chosen + rejected)"
+    if cfg.preference_loss in ("simpo", "orpo"):
+        return f"{head}; reference-free: no reference pass"
+    stage = ds_preset(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0)
+    saved = ""
+    if params:
+        frozen = params * {"4bit": 0.5, "8bit": 1.0}.get(cfg.quantize, 4 if cfg.precision == "fp32" else 2)
+        shard = dp if stage == 3 and not cfg.quantize else 1
+        saved = f" (a frozen reference model would add {_size(frozen / shard)} per GPU)"
+    return (
+        f"{head}; reference: the starting model scores every pair once before step 1 (about a third of "
+        f"an epoch's compute), kept as 16 bytes a pair and cached; memory per GPU above includes it: "
+        f"no second model{saved}"
+    )

@@ -286,3 +286,63 @@ def test_config_refuses_what_preference_training_cannot_do(tmp_path, overrides, 
     train = _write(tmp_path / "p.jsonl", [_record("q", "a", "b")])
     with pytest.raises(ConfigError, match=error):
         load_config(None, [f"train_files=[{train}]", f"output_dir={tmp_path / 'o'}", *overrides])
+
+
+# ---------------------------------------------------------------- evaluation, demo data, recipes
+
+
+def test_evaluate_preferences_scores_each_reply_as_training_does(tiny_engine, tmp_path):
+    from chatkit.evaluate import evaluate_preferences, pair_logps
+
+    rows = [_record("What is 2 + 3?", "5", "6"), _record("Reverse the words: a b", "b a", "a b"),
+            _record("Hi, my name is Zoe.", "Nice to meet you, Zoe!", "Hello Bob")]  # fmt: skip
+    path = _write(tmp_path / "p.jsonl", rows)
+    res = evaluate_preferences(tiny_engine, str(path))
+    assert res.total == 3 and res.skipped == 0
+    pairs = [fit_pair(tiny_engine.tokenizer, tiny_engine.template, p, 512)[0] for p in iter_preferences(path)]
+    logps = pair_logps(tiny_engine, pairs)
+    assert res.correct == int((logps[:, 0] > logps[:, 1]).sum())
+    # each reply's score: its scored tokens' log-probabilities on a row of its own
+    enc = pairs[0].chosen
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny_engine.model(torch.tensor([enc.input_ids])).logits[0, :-1].float(), -1)
+    expected = sum(float(lp[k - 1, t]) for k, t in enumerate(enc.labels) if t != IGNORE_INDEX and k > 0)
+    assert float(logps[0, 0]) == pytest.approx(expected, rel=1e-5)
+    same = evaluate_preferences(tiny_engine, str(path), reference=tiny_engine)
+    assert same.correct == 0 and same.margin == 0  # a model is its own reference: every reward is 0
+
+
+def test_demo_pairs_are_near_misses_of_unseen_prompts():
+    from chatkit.datasets.synthetic import make_preference_pairs, make_splits, near_miss
+
+    rng = random.Random(0)
+    for answer in ["7", "85", "198", "4321", "Zoe", "blue fish red", "x"]:
+        for _ in range(50):
+            assert near_miss(answer, rng) != answer
+    _, heldout = make_splits(0, 40)
+    train, held = make_preference_pairs(400, heldout)
+    assert len(train) == 400 and len(held) == 40
+    held_prompts = {tuple(m.content for m in p.prompt) for p in held}
+    assert not held_prompts & {tuple(m.content for m in p.prompt) for p in train}
+    assert all(p.chosen.content != p.rejected.content for p in train + held)
+    assert [m.content for m in held[0].prompt] == [m.content for m in heldout[0].messages[:-1]]
+
+
+def test_a_recipe_export_names_its_recipe_base():
+    from chatkit.models import spec_for_path
+
+    assert spec_for_path("outputs/koala/hf").name == "llama-13b"
+    assert spec_for_path("outputs/demo/hf").name == "tiny"
+    assert spec_for_path("outputs/no-such-recipe/hf") is None
+
+
+def test_dry_run_plans_the_reference_pass(capsys, monkeypatch):
+    from chatkit import launch
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    launch.main(["config/koala-dpo.yaml", "--dry-run", "--num-gpus", "8"])
+    out = capsys.readouterr().out
+    assert "model: outputs/koala/hf, the export of a llama-13b run (llama), 13.02B parameters" in out
+    assert "no second model (a frozen reference model would add 3.03 GiB per GPU)" in out
+    launch.main(["config/koala-dpo.yaml", "--dry-run", "--num-gpus", "8", "preference_loss=simpo"])
+    assert "reference-free: no reference pass" in capsys.readouterr().out

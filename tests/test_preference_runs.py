@@ -24,24 +24,12 @@ import torch
 
 from chatkit.conversation import write_conversations
 from chatkit.convert.deepspeed import load_deepspeed_weights
-from chatkit.datasets.synthetic import make_splits
+from chatkit.datasets.synthetic import make_splits, near_miss
 from chatkit.pretrained import prepare_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 4
-
-
-def near_miss(answer: str, rng: random.Random) -> str:
-    """A wrong answer close to the right one: a number off by a little, or two words swapped."""
-    if answer.isdigit():
-        return str(int(answer) + rng.choice([-2, -1, 1, 2, 10]))
-    words = answer.split()
-    if len(words) > 1:
-        i = rng.randrange(len(words) - 1)
-        words[i], words[i + 1] = words[i + 1], words[i]
-        return " ".join(words)
-    return answer + "!"
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +94,12 @@ def test_zero3_on_two_ranks_equals_one_process(root, one):
     assert a[STEPS]["reward_margin"] > 0  # it learned to prefer something
     ra, rb = references(root, "one"), references(root, "two")
     assert len(ra) == len(rb) == 2  # train and validation sets
-    for x, y in zip(ra, rb, strict=True):
-        assert x.shape[1] == 2 and np.all(x < 0) and np.allclose(x, y, rtol=1e-6)
+    for x, y in zip(ra, rb, strict=True):  # NaN: pairs the run never draws are never scored
+        assert x.shape[1] == 2 and np.array_equal(np.isnan(x), np.isnan(y)) and (x[~np.isnan(x)] < 0).all()
+        assert np.allclose(x, y, rtol=1e-6, equal_nan=True)
+    scored = np.flatnonzero(~np.isnan(ra[0][:, 0]))
+    assert 0 < len(scored) < len(ra[0][:, 0])  # 4 steps of 4 rows: only what they draw (train set)
+    assert not np.isnan(ra[1]).any()  # the validation set: every pair
     wa, wb = load_deepspeed_weights(one / "checkpoints"), load_deepspeed_weights(root / "two" / "checkpoints")
     # Adam turns summation-order differences of the gradients (1e-7) into weight differences of ~3e-5
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)

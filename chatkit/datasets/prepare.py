@@ -411,8 +411,8 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="DIR",
-        default=Path("data") / spec.name / "files",
-        help="output folder (%(default)s)",
+        help=f"output folder (data/{spec.name}/files"
+        + (f"; with --pairs data/{spec.name}/files/pairs, beside the conversations)" if _both(spec) else ")"),
     )
     p.add_argument(
         "--files", nargs="+", metavar="GLOB", help="upstream files to download or read (default: above)"
@@ -432,10 +432,18 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
     return p
 
 
+def _both(spec: DatasetSpec) -> bool:
+    """A set that writes conversations by default and preference records with --pairs."""
+    return spec.pairs is not None and spec.to_conversations is not None
+
+
 def parse_args(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Options:
     args = build_parser(spec).parse_args(argv)
+    out = args.out or Path("data") / spec.name / "files"
+    if args.out is None and getattr(args, "pairs", False) and _both(spec):
+        out = out / "pairs"  # never over the conversations a plain run writes
     return Options(
-        out=args.out,
+        out=out,
         source=args.source,
         val_fraction=args.val_fraction,
         seed=args.seed,

@@ -10,10 +10,11 @@ The losses are written as TRL 1.16 writes them, and tests compare against TRL it
   averaged per reply token, as TRL does after checking with the IPO authors);
 - simpo: `trl/experimental/cpo/cpo_trainer.py` `cpo_loss` with loss_type="simpo", cpo_alpha=0
   (averaged log-probabilities, no reference, margin `simpo_gamma`);
-- orpo: `trl/experimental/orpo/orpo_trainer.py` `odds_ratio_loss`, plus the chosen reply's NLL. ORPO's
-  NLL is averaged per pair over its reply tokens (the paper's expectation over pairs); TRL averages over
-  all chosen tokens of its batch, which is the same number when a batch holds one pair or replies of
-  equal length.
+- orpo: `trl/experimental/orpo/orpo_trainer.py` `odds_ratio_loss`, plus the chosen reply's NLL. Our
+  NLL is averaged per pair over the reply's scored tokens (the template's labels, as everywhere in
+  chatkit); TRL's `concatenated_forward` averages over every non-padding token of its chosen rows,
+  prompt included, so the two agree when prompts are one token and chosen replies are of equal length
+  (tests/test_trl_parity.py compares there).
 
 The reference model of DPO, IPO and hinge is the model before training: its log-probabilities are
 computed once (`chatkit.train.reference`), so no second model is held in memory. With LoRA the model

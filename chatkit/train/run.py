@@ -80,9 +80,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = make_run(cfg, rank, world, device)
     engine = make_engine(run)
     batches, val_sets = load_data(run, engine.dp_rank, engine.dp_world)
-    engine.setup(total_steps(run, batches)[0])
+    steps = total_steps(run, batches)[0]
+    engine.setup(steps)
     if run.method.reference is not None:  # before resuming: the reference is the starting model
         from chatkit.train import reference
 
-        reference.attach(run, engine, [*batches.sets, *val_sets])
+        used = reference.used_pairs(batches, steps, cfg.gradient_accumulation_steps)
+        reference.attach(run, engine, [*batches.sets, *val_sets], [*used, *[None] * len(val_sets)])
     return fit(run, engine, batches, val_sets)
