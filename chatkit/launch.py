@@ -146,7 +146,7 @@ def ensure_tiny_inputs(cfg: TrainConfig) -> None:
             write_conversations(DEMO_TRAIN, train)
             write_conversations(Path(DEMO_TRAIN).with_name("heldout.jsonl"), heldout)
         if DEMO_PAIRS in needed and not Path(DEMO_PAIRS).is_file():
-            pairs, held_pairs = make_preference_pairs(3000, heldout, 1)  # data/demo/prepare.py --pairs 3000
+            pairs, held_pairs = make_preference_pairs(10000, heldout, 1)  # as tools/demo_dpo.sh writes them
             write_jsonl(DEMO_PAIRS, (p.to_dict() for p in pairs))
             write_jsonl(Path(DEMO_PAIRS).with_name("pairs_heldout.jsonl"), (p.to_dict() for p in held_pairs))
         print(f"wrote the demo data to {Path(DEMO_TRAIN).parent}/", file=sys.stderr)

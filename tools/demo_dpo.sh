@@ -17,7 +17,7 @@ step() { printf '\n==> [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 rm -rf "$OUT"   # this demo's own outputs from an earlier run
 mkdir -p "$OUT"
 step "1/5 writing synthetic preference pairs (chosen: the answer; rejected: a near miss)"
-"$PY" data/demo/prepare.py --out data/demo/files --pairs 3000
+"$PY" data/demo/prepare.py --out data/demo/files --pairs 10000
 
 step "2/5 the starting model: held-out exact match and how often it already prefers the answer"
 "$PY" tools/evaluate.py --model "$SFT" --data outputs/demo/heldout.jsonl | tail -1 | tee "$OUT/before.txt"
@@ -30,6 +30,6 @@ step "4/5 exporting to Hugging Face format"
 "$PY" tools/convert_to_hf.py --checkpoint "$OUT/checkpoints" --out "$OUT/hf"
 
 step "5/5 the trained model on the held-out conversations and pairs"
-echo "before: $(paste -sd ';' "$OUT/before.txt")"
+echo "before: $(paste -sd ';' "$OUT/before.txt" | sed 's/;/; /'); reward accuracy 0 by definition (the model is its own reference)"
 "$PY" tools/evaluate.py --model "$OUT/hf" --data outputs/demo/heldout.jsonl --predictions "$OUT/predictions.jsonl" | tail -1
-"$PY" tools/evaluate.py --model "$OUT/hf" --pairs data/demo/files/pairs_heldout.jsonl --reference "$SFT" --beta 0.1
+"$PY" tools/evaluate.py --model "$OUT/hf" --pairs data/demo/files/pairs_heldout.jsonl --reference "$SFT" --beta 0.5

@@ -1,7 +1,7 @@
 """Write the demo's synthetic chat dataset (arithmetic, word reversal, multi-turn recall).
 
 python data/demo/prepare.py --out data/demo/files --train 20000 --heldout 100
-python data/demo/prepare.py --pairs 3000  # also preference pairs for `make demo-dpo`
+python data/demo/prepare.py --pairs 10000  # also preference pairs for `make demo-dpo`
 
 --pairs N also writes pairs_train.jsonl (N pairs: the right answer chosen, a near miss rejected) and
 pairs_heldout.jsonl (one pair per held-out conversation, whose prompts no training file holds).
