@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from chatkit.chat import ChatEngine, ContextProvider, GenerationError, GenerationParams, with_context
+from chatkit.chat import (
+    ChatEngine,
+    ContextProvider,
+    GenerationError,
+    GenerationParams,
+    describe_load_error,
+    with_context,
+)
 from chatkit.conversation import Conversation, ConversationError, Message, iter_jsonl, write_conversations
 
 HELP = """commands:
@@ -26,7 +33,8 @@ HELP = """commands:
   /system [TEXT]    set the system prompt (without TEXT: show it)
   /set NAME VALUE   change temperature, top_k, top_p, max_tokens or sample (true/false)
   /hyperparameters  show the generation settings
-  /raw_prompt       show the exact prompt the model sees for the next reply (old turns left out to fit)
+  /raw_prompt       show the exact prompt of the last reply, or of the reply to a turn that awaits one
+                    (old turns left out to fit, retrieved passages in, as the model was given them)
   /raw_say TEXT     send TEXT to the model as is (no template, not kept in the conversation)
   /save FILE        write the conversation to FILE (conversation JSONL); never replaces a file
   /save! FILE       the same, replacing FILE if it exists (neither creates folders)
@@ -82,6 +90,8 @@ class ChatShell:
         self.context_provider = context_provider
         self.last_context: list[str] | None = None
         self.history: list[Message] = []
+        self._answered: tuple[list[Message], list[Message], int] | None = None
+        """(the history after the last reply, the messages its prompt held, how many were left out)."""
         self.reset()
         self.commands: dict[str, Callable[[str], bool]] = {
             "/help": self._help,
@@ -130,9 +140,12 @@ class ChatShell:
         if self.context_provider is not None:
             self.last_context = list(self.context_provider(list(self.history)) or [])
             messages = with_context(self.history, self.last_context)
+            if note := getattr(self.context_provider, "note", None):  # e.g. passages cut to fit
+                self._print(note)
         try:
             kept = self.engine.prompt_messages(messages, self.params.max_new_tokens)
-            self._left_out(len(messages) - len(kept))
+            left_out = len(messages) - len(kept)
+            self._left_out(left_out)
             reply = self._emit(self.engine.stream(messages, self.params, self.seed))
         except (ValueError, GenerationError) as e:  # e.g. a turn longer than the context
             self.history.pop()
@@ -143,6 +156,7 @@ class ChatShell:
             self._print("(stopped before the reply began)")
             return ""
         self.history.append(Message("assistant", reply))
+        self._answered = (list(self.history), kept, left_out)
         return reply
 
     def _emit(self, pieces_iter) -> str:
@@ -234,14 +248,30 @@ class ChatShell:
         return True
 
     def _raw_prompt(self, _: str) -> bool:
-        try:
-            kept = self.engine.prompt_messages(self.history, self.params.max_new_tokens)
-        except ValueError as e:
-            self._print(f"error: {e}")
-            return True
-        self._left_out(len(self.history) - len(kept))
+        """/raw_prompt: the prompt as the model is given it, never text it is not (a `<bot>:` after a
+        reply). While the history is as the last reply left it, that reply's prompt as recorded
+        (retrieved passages in); else the prompt for the last user turn, fitted now."""
+        if self._answered is not None and self._answered[0] == self.history:
+            _, kept, left_out = self._answered
+        else:
+            asked = self._up_to_last_user_turn()
+            if asked is None:
+                self._print("(no prompt yet: the first one is made when you send a message)")
+                return True
+            try:
+                kept = self.engine.prompt_messages(asked, self.params.max_new_tokens)
+            except ValueError as e:
+                self._print(f"error: {e}")
+                return True
+            left_out = len(asked) - len(kept)
+        self._left_out(left_out)
         self._print(self.engine.raw_prompt(kept))
         return True
+
+    def _up_to_last_user_turn(self) -> list[Message] | None:
+        """The history up to its last user turn (what a reply answers); None without one."""
+        last = max((i for i, m in enumerate(self.history) if m.role == "user"), default=None)
+        return None if last is None else self.history[: last + 1]
 
     def _raw_say(self, text: str) -> bool:
         if not text:
@@ -305,6 +335,8 @@ class ChatShell:
             self._print("(no retrieval)")
         elif self.last_context is None:
             self._print("(nothing retrieved yet)")
+        elif callable(describe := getattr(self.context_provider, "describe", None)):
+            self._print(describe())  # retrieval's own account: score, rows, source and text
         elif not self.last_context:
             self._print("(nothing retrieved for the last turn)")
         else:
@@ -365,12 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_generation_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens per reply ({max_tokens})")
-    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True, help="sample or greedy")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0.6)")
-    p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens (40; 0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags, defaulting to `GenerationParams`' fields: the bot, the server's API and its
+    page (which leaves unset fields to the server) share that one set of defaults."""
+    d = GenerationParams()
+    p.add_argument("--max-tokens", type=int, default=d.max_new_tokens,
+                   help=f"most tokens per reply ({d.max_new_tokens})")  # fmt: skip
+    p.add_argument(
+        "--sample", action=argparse.BooleanOptionalAction, default=d.sample, help="sample or greedy"
+    )
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"sampling temperature ({d.temperature})")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help=f"sample from the k likeliest tokens ({d.top_k}; 0: off)")  # fmt: skip
+    p.add_argument(
+        "--top-p", type=float, default=d.top_p, help=f"nucleus sampling threshold ({d.top_p}: off)"
+    )
 
 
 def add_loading_args(p: argparse.ArgumentParser) -> None:
@@ -408,7 +450,7 @@ def engine_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Ch
     try:
         return ChatEngine.from_pretrained(args.model, args.template, device, args.dtype, max_memory, quantize)
     except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"error: cannot load {args.model}: {e}")
+        sys.exit(describe_load_error(args.model, e))
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
@@ -426,15 +468,24 @@ def add_retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-k", type=int, default=1, help="passages per turn (1, as OpenChatKit)")
 
 
-def retrieval_from_args(p: argparse.ArgumentParser, args: argparse.Namespace):
-    """--retrieval: passages from a Faiss index go into each turn's prompt (OpenChatKit's bot did this)."""
+def retrieval_from_args(
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    engine: ChatEngine | None = None,
+    params: GenerationParams | None = None,
+):
+    """--retrieval: passages from a Faiss index go into each turn's prompt (OpenChatKit's bot did this),
+    fitted to `engine`'s context with room for a reply of `params.max_new_tokens` (read at each turn,
+    so /set max_tokens counts)."""
     if not args.retrieval:
         return None
     from chatkit.retrieval.context import Retriever, context_provider
     from chatkit.retrieval.passages import RetrievalError
 
     try:
-        return context_provider(Retriever.from_dir(args.index), args.retrieval_k)
+        return context_provider(
+            Retriever.from_dir(args.index), args.retrieval_k, engine=engine, params=params
+        )
     except (RetrievalError, FileNotFoundError, ValueError) as e:
         p.error(f"--retrieval: {e}")
 
@@ -456,10 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     take_ctrl_c()
     engine = engine_from_args(p, args)
-    provider = retrieval_from_args(p, args)
+    params = params_from_args(args)
+    provider = retrieval_from_args(p, args, engine, params)
     shell = ChatShell(
-        engine, params_from_args(args), args.system, stream=not args.no_stream, seed=args.seed,
-        context_provider=provider,
+        engine, params, args.system, stream=not args.no_stream, seed=args.seed, context_provider=provider,
     )  # fmt: skip
     if sys.stdin.isatty():
         run_interactive(shell)

@@ -2,15 +2,16 @@
 
 It renders the conversation with the same template and the same segment-wise tokenization used in
 training, decodes with a KV cache, stops at the eos token or any of the template's stop strings, and
-streams text without ever showing part of a stop string. Sampling runs in float32 whatever the
-model's dtype (fp16 logits overflow to NaN/inf); non-finite logits raise `GenerationError`.
+streams text without ever showing part of a stop string or of a character. Sampling runs in float32
+whatever the model's dtype (fp16 logits overflow to NaN/inf); non-finite logits raise
+`GenerationError`.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import torch
 
 from chatkit.conversation import Message
 from chatkit.io import read_meta
+from chatkit.quiet import no_progress_bars
 from chatkit.templates import ChatTemplate, get_template
-from chatkit.tokenization import encode_prompt
+from chatkit.tokenization import encode_prompt, special_tokens
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,6 +32,9 @@ class GenerationError(RuntimeError):
 
 @dataclass
 class GenerationParams:
+    """How to generate a reply. The defaults here are every tool's defaults: the bot's and the
+    server's flags, and so the API's and the web page's (`chatkit.bot.add_generation_args`)."""
+
     max_new_tokens: int = 128
     """Most tokens in one reply."""
     sample: bool = True
@@ -71,6 +76,12 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+_UTF8_MAX_TAIL = 3
+"""Tokens worth holding back for a character to complete: an unfinished UTF-8 character has at most 3
+bytes, each token at least one. A U+FFFD still there after more is made of bytes that are no
+character at all (a model can produce any byte): shown as the tokenizer decodes them."""
+
+
 class ReplyAssembler:
     """Turns generated token ids into the reply text, piece by piece.
 
@@ -105,8 +116,12 @@ class ReplyAssembler:
         """Add one generated token; returns the newly certain text (maybe empty)."""
         self.ids.append(token_id)
         new = self._new_text()
-        if not new or new.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-            return ""
+        if not new or (new.endswith("\ufffd") and len(self.ids) - self._read <= _UTF8_MAX_TAIL):
+            return ""  # an incomplete UTF-8 sequence: wait for its next bytes
+        return self._take(new)
+
+    def _take(self, new: str) -> str:
+        """Add complete text: cut the reply at a stop string, else show what is certain."""
         start = max(0, len(self.text) - max((len(s) for s in self.stop_strings), default=0))
         text = self.text + new
         self._prefix, self._read = self._read, len(self.ids)
@@ -119,11 +134,11 @@ class ReplyAssembler:
         return self._show(visible.rstrip())
 
     def finish(self) -> str:
-        """The rest of the reply once generation has ended."""
-        if not self.stopped:
-            self.text += self._new_text()  # bytes of a character that never completed
-            self._prefix = self._read = len(self.ids)
-        return self._show(self._reply_text(self.text))
+        """The rest of the reply once generation has ended (eos, max tokens, cancelled). Bytes still
+        held back then are a character that generation ended inside: they never become text (a
+        streamed reply would otherwise end in U+FFFD); what came with them still counts."""
+        head = "" if self.stopped else self._take(self._new_text().rstrip("\ufffd"))
+        return head + self._show(self._reply_text(self.text))
 
     def _show(self, visible: str) -> str:
         if len(visible) <= self.shown:
@@ -188,8 +203,97 @@ def load_model(
         kwargs.update(device_map="auto", max_memory=max_memory)
     elif quantize is not None:
         kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with no_progress_bars():  # a chat user has no use for the "Loading weights" bar
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model if "device_map" in kwargs else model.to(device)
+
+
+def _cache_argument(forward_params: Mapping[str, inspect.Parameter]) -> str:
+    """The name a model's forward takes its KV cache by: `cache` in the transformers installed here
+    (5.24, where `past_key_values` still works but prints a FutureWarning before the first reply),
+    `past_key_values` in releases before the rename. A wrapper whose forward takes **kwargs (PEFT)
+    passes it on: then the installed transformers' output class decides."""
+    for name in ("cache", "past_key_values"):
+        if name in forward_params:
+            return name
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_of(out) -> object:
+    """The KV cache a forward returned, read by the name it has in the installed transformers (reading
+    `past_key_values` where it is called `cache` logs a deprecation warning)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class ModelFolderError(ValueError):
+    """A model path that is not a Hugging Face folder a chat can load. The message is one line that
+    starts with the path and says what it is instead and what to do (the bot prints it as it is)."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""A folder holding none of these has no tokenizer: transformers would build an empty one, and the
+first reply would die in a traceback far from the cause."""
+
+
+def check_model_folder(path: str | Path) -> None:
+    """Refuse, before anything loads, a path that is not a loadable Hugging Face folder, naming what it
+    is: missing (transformers would take it for a hub id, and this project never downloads), a file,
+    a training checkpoint or run folder (which tools/convert_to_hf.py turns into one), a folder
+    without config.json or without tokenizer files."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelFolderError(f"{path}: no such folder")
+    if not folder.is_dir():
+        raise ModelFolderError(f"{path}: a file, not a model folder (name the folder holding config.json)")
+    if _is_checkpoint(folder):
+        raise ModelFolderError(
+            f"{path}: a training checkpoint, not a Hugging Face folder; convert it first: "
+            f"python tools/convert_to_hf.py --checkpoint {path} --out {_export_for(folder)}"
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(
+            _run_folder_advice(folder, path) or f"{path}: no config.json (not a model folder)"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFolderError(
+            f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy in the tokenizer "
+            "the model was trained with"
+        )
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A DeepSpeed checkpoints folder (a `latest` tag, stepN folders) or one tag folder in it."""
+    if (folder / "latest").is_file() or any(folder.glob("*model_states.pt")):
+        return True
+    return any(any(step.glob("*model_states.pt")) for step in folder.glob("step*") if step.is_dir())
+
+
+def _export_for(checkpoint: Path) -> str:
+    """Where the export of a run's checkpoint goes by convention: outputs/x/checkpoints[/stepN] ->
+    outputs/x/hf (OUT when the folder is not named so)."""
+    root = checkpoint if checkpoint.name == "checkpoints" else checkpoint.parent
+    return str(root.parent / "hf") if root.name == "checkpoints" else "OUT"
+
+
+def _run_folder_advice(folder: Path, path: str | Path) -> str | None:
+    """For a training run's folder (outputs/x, holding checkpoints/ and maybe hf/): what to load."""
+    export = folder / "hf"
+    if (export / "config.json").is_file():
+        return f"{path}: a training run's folder; its export is {export}"
+    if (folder / "checkpoints").is_dir():
+        return (
+            f"{path}: a training run's folder without an export; make one: python tools/convert_to_hf.py "
+            f"--checkpoint {folder / 'checkpoints'} --out {export}"
+        )
+    return None
+
+
+def describe_load_error(path: str | Path, e: Exception) -> str:
+    """The one line a command prints when `path` does not load (ModelFolderError names the path)."""
+    return f"error: {e}" if isinstance(e, ModelFolderError) else f"error: cannot load {path}: {e}"
 
 
 def _input_device(model) -> torch.device:
@@ -227,6 +331,7 @@ class ChatEngine:
         forward = getattr(model, "forward", None)
         params = inspect.signature(forward).parameters if forward is not None else {}
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._cache_arg = _cache_argument(params)
 
     @classmethod
     def from_pretrained(
@@ -242,9 +347,10 @@ class ChatEngine:
         from transformers import AutoTokenizer
 
         dev = pick_device(device)
+        check_model_folder(path)
         name = template or read_meta(path).get("template")
         if name is None:
-            raise ValueError(f"{path}: no chatkit.json naming its chat template; pass --template")
+            raise ModelFolderError(f"{path}: no chatkit.json naming its chat template; pass --template")
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_model(path, dev, dtype, max_memory, quantize)
         device_mapped = max_memory is not None or quantize is not None
@@ -292,8 +398,12 @@ class ChatEngine:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def raw_prompt(self, messages: Sequence[Message]) -> str:
-        eos, bos = self.tokenizer.eos_token, self.tokenizer.bos_token or ""
-        return self.template.render(messages, eos, bos, add_generation_prompt=True)
+        """The text of the prompt `stream` feeds for `messages` (pass `prompt_messages`' result: the
+        turns that fit). The generation prompt (e.g. `<bot>:`) ends it only when a user turn awaits
+        a reply: rendering a history that ends with a reply adds no text the model is never given."""
+        eos, bos = special_tokens(self.tokenizer)
+        awaiting = bool(messages) and messages[-1].role == "user"
+        return self.template.render(messages, eos, bos, add_generation_prompt=awaiting)
 
     def stream(
         self,
@@ -353,8 +463,8 @@ class ChatEngine:
             if cancel is not None and cancel.is_set():
                 info.finish_reason = "cancelled"
                 break
-            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, **extra)
-            past = out.past_key_values
+            out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_arg: past}, **extra)
+            past = _cache_of(out)
             tok = _next_token(out.logits[0, -1].cpu(), p, gen)
             if self.token_sync is not None:
                 tok = self.token_sync(tok)

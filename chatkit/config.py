@@ -96,6 +96,10 @@ class TrainConfig:
     """Conversations per rank per forward pass."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
+    intended_batch: int = 0
+    """Rows per optimizer step the recipe's learning rate was chosen for (its source's global batch, on
+    its hardware); the launcher warns when micro_batch_size x data-parallel ranks x
+    gradient_accumulation_steps comes to another number on the hardware at hand. 0: not stated."""
     learning_rate: float = 1e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -172,7 +176,8 @@ class TrainConfig:
         for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "tokenize_procs"):
+        counts = ("max_steps", "save_every", "eval_every", "warmup_steps", "tokenize_procs", "intended_batch")
+        for name in counts:
             if getattr(self, name) < 0:
                 errors.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
         if self.tokenize_procs > MAX_TOKENIZE_PROCS:
@@ -299,8 +304,13 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
 
 
-def load_config(path: str | None, overrides: list[str] = (), check_files: bool = True) -> TrainConfig:
-    """Read a YAML recipe, apply `key=value` overrides, validate; raise ConfigError listing all problems."""
+def read_config(
+    path: str | None, overrides: list[str] = (), check_files: bool = True
+) -> tuple[TrainConfig, list[str], set[str]]:
+    """A YAML recipe with `key=value` overrides applied: (the config, every problem with it, one line each
+    naming the setting, and the settings whose given value could not be read: their defaults stand in).
+
+    Raises ConfigError only when the recipe or an override cannot be read at all."""
     raw: dict[str, Any] = {}
     if path:
         with open(path, encoding="utf-8") as f:
@@ -319,7 +329,7 @@ def load_config(path: str | None, overrides: list[str] = (), check_files: bool =
             ) from None
     hints = typing.get_type_hints(TrainConfig)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    errors, values = [], {}
+    errors, values, unread = [], {}, set()
     for key, value in raw.items():
         if key not in known:
             errors.append(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
@@ -328,11 +338,23 @@ def load_config(path: str | None, overrides: list[str] = (), check_files: bool =
             values[key] = _coerce(key, hints[key], value)
         except ConfigError as e:
             errors.append(str(e))
+            unread.add(key)
     cfg = TrainConfig(**values)
     errors += cfg.validate(check_files)
+    return cfg, errors, unread
+
+
+def config_error(path: str | None, errors: list[str]) -> str:
+    """The problems of a config as one message: a heading naming the recipe, then one problem a line."""
+    where = f" in {path}" if path else ""
+    return f"invalid training config{where}:\n  " + "\n  ".join(errors)
+
+
+def load_config(path: str | None, overrides: list[str] = (), check_files: bool = True) -> TrainConfig:
+    """Read a YAML recipe, apply `key=value` overrides, validate; raise ConfigError listing all problems."""
+    cfg, errors, _ = read_config(path, overrides, check_files)
     if errors:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid training config{where}:\n  " + "\n  ".join(errors))
+        raise ConfigError(config_error(path, errors))
     return cfg
 
 

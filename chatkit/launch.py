@@ -1,10 +1,14 @@
 """Start training/train.py under the DeepSpeed launcher on whatever this machine has.
 
 GPUs when torch sees them, otherwise CPU ranks (DS_ACCELERATOR=cpu, gloo); never a hard-coded count.
-Several nodes go through DeepSpeed's hostfile. `--dry-run` prints the resolved config, the plan (world
-size, batch, memory per GPU; chatkit/plan.py) and the exact command instead of running it. `--tiny`
-runs the recipe's tiny variant: the same recipe on the tiny model of the same architecture and the
-demo data, for a few steps, so every recipe can be tried on a laptop.
+Several nodes go through DeepSpeed's hostfile; one node rendezvouses on a free port. Every problem
+found before the launch is reported at once, one `error:` line each, and nothing starts. `--dry-run`
+prints the resolved config, the plan (world size, batch, memory per GPU or rank, and warnings: a batch
+other than the recipe's, memory beyond a rank's; chatkit/plan.py) and the exact command instead of
+running it; a launch prints the plan's warnings. DeepSpeed's launcher logs only what is critical
+(--verbose or CHATKIT_VERBOSE=1: all of it). `--tiny` runs the recipe's tiny variant: the same recipe on
+the tiny model of the same architecture and the demo data, for a few steps, so every recipe can be
+tried on a laptop.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from pathlib import Path
 import yaml
 
 from chatkit.architectures import ARCHITECTURES
-from chatkit.config import ConfigError, TrainConfig, load_config
+from chatkit.config import ConfigError, TrainConfig, config_error, read_config
 from chatkit.models import spec_for_path
 from chatkit.plan import World, base_config, ds_preset, plan_lines
+from chatkit.train.distributed import VERBOSE_ENV, verbose
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_GRACE_S = 10.0  # after a forwarded signal, how long the run has to exit before SIGKILL
+DEFAULT_MASTER_PORT = 29500  # DeepSpeed's and torch's: several nodes must agree on a port
 
 
 def count_gpus() -> int:
@@ -88,7 +94,7 @@ def world_of(args: argparse.Namespace) -> World:
         return World(per_node, 1, per_node, gpus > 0)
     try:
         slots = [n for _, n in read_hostfile(args.hostfile)]
-    except ValueError:  # reported by launch_problems
+    except ValueError:  # reported by hostfile_problems
         return World(per_node, 1, per_node, gpus > 0)
     return World(sum(slots), len(slots), slots[0], gpus > 0)
 
@@ -108,6 +114,7 @@ def tiny_overrides(cfg: TrainConfig, recipe: str, ranks: int, gpu: bool) -> list
         "val_files=[]", "eval_prompts=[]",
         f"output_dir=outputs/{Path(recipe).stem}-tiny", "max_steps=4", f"max_length={min(cfg.max_length, 256)}",
         "micro_batch_size=2", f"gradient_accumulation_steps={min(cfg.gradient_accumulation_steps, 2)}",
+        "intended_batch=0",
         "warmup_steps=1", "save_every=0", "eval_every=0", "log_every=1", "resume=", "train_log_backend=[loguru]",
     ]  # fmt: skip
     if not gpu and cfg.precision != "fp32":
@@ -212,13 +219,14 @@ def hostfile_problems(args: argparse.Namespace) -> list[str]:
 
 
 def launch_problems(
-    cfg: TrainConfig, args: argparse.Namespace, world: World, to_build: set[str] = frozenset()
+    cfg: TrainConfig, world: World, to_build: set[str] = frozenset()
 ) -> tuple[list[str], list[str]]:
     """What stops this launch, found before anything starts: (problems of the launch as planned, which a
     --dry-run reports as errors too; files this machine lacks, which a --dry-run only warns of, as it
-    plans without weights or data). One line each, naming the setting or flag. Paths in `to_build`
-    (`tiny_inputs`, which the launch builds when they are missing) are not reported missing."""
-    errors, missing = hostfile_problems(args), []
+    plans without weights or data). One line each, naming the setting. Paths in `to_build`
+    (`tiny_inputs`, which the launch builds when they are missing) are not reported missing. The
+    hostfile is `hostfile_problems`'s."""
+    errors, missing = [], []
     where = f"{world.ranks} {'GPU' if world.gpu else 'CPU'} rank(s)"
     if cfg.precision == "fp16" and not world.gpu:
         errors.append(
@@ -260,7 +268,8 @@ def refuse(problems: list[str]) -> None:
 
 
 def free_port() -> int:
-    """A TCP port the OS says is free now, for `--master-port 0` (parallel or repeated launches)."""
+    """A TCP port the OS says is free now: a single-node launch's default (parallel or repeated launches
+    on one machine would otherwise collide on one port), or `--master-port 0`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -297,7 +306,12 @@ def build_command(
 ) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     gpus = gpus_per_node(args)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    # DeepSpeed's runner and per-node launcher log at INFO: the hostfile fallback, world-info dicts, the
+    # visible devices (CUDA_VISIBLE_DEVICES on a CPU machine too), every spawned command, and an ERROR
+    # line repeating a failed rank's command. The ranks say what matters themselves, and `run_group`'s
+    # caller names a rank killed by a signal, so they log only what is critical unless asked (--verbose).
+    level = "info" if verbose() else "critical"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", level]
     if gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
         # One thread per rank by default: ranks share the cores instead of fighting over them.
@@ -402,6 +416,30 @@ def run_group(cmd: list[str], env: dict[str, str], grace: float = STOP_GRACE_S) 
     return status if status >= 0 else 128 - status  # killed by a signal from elsewhere: as a shell says
 
 
+def failure_line(status: int) -> str | None:
+    """What to say when the run ends with `status` that no rank has explained.
+
+    A rank killed by a signal leaves no Python error behind; DeepSpeed's launcher then exits with minus
+    the signal (256 - N as a status), and its own line about it is silenced with the rest of its log.
+    Other statuses come from the ranks, which said why (one `error:` line, or a traceback)."""
+    if not 256 - 64 < status < 256:
+        return None
+    try:
+        name = signal.Signals(256 - status).name
+    except ValueError:
+        return None
+    why = " (the system kills the largest process when memory runs out)" if name == "SIGKILL" else ""
+    return f"error: a training rank was killed by {name}{why}; {VERBOSE_ENV}=1 shows DeepSpeed's launcher log"
+
+
+def plan_warnings(cfg: TrainConfig, world: World) -> list[str]:
+    """The plan's warnings (global batch, memory, LoRA targets), which a launch prints too."""
+    try:
+        return [line for line in plan_lines(cfg, world) if line.startswith("warning: ")]
+    except Exception as e:  # a plan is advice: it never stops a launch
+        return [f"warning: no plan ({type(e).__name__}: {e})"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="YAML recipe, e.g. config/tiny.yaml")
@@ -419,8 +457,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--master-port",
         type=int,
-        default=int(os.environ.get("MASTER_PORT", 29500)),
-        help="rendezvous port of node 0 (default 29500 or $MASTER_PORT; 0 picks a free one, single node)",
+        default=int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None,
+        help=f"rendezvous port of node 0 (default $MASTER_PORT; else on one node a free port, so that runs "
+        f"side by side do not collide, and with --hostfile {DEFAULT_MASTER_PORT}: every node must be given "
+        "the same port, so give one; 0 picks a free one, one node only)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show DeepSpeed's launcher log (world info, spawned commands; also {VERBOSE_ENV}=1)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, plan and command only")
     p.add_argument(
@@ -433,21 +478,33 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--num-gpus must be 0 or more")
     if args.cpu_ranks < 1:
         p.error("--cpu-ranks must be at least 1")
+    if args.master_port == 0 and args.hostfile:
+        p.error("--master-port 0 works on one node only: every node must be given the same port")
+    if args.master_port is None:
+        args.master_port = DEFAULT_MASTER_PORT if args.hostfile else 0
     if args.master_port == 0:
-        if args.hostfile:
-            p.error("--master-port 0 works on one node only: every node must be given the same port")
         args.master_port = free_port()
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # DeepSpeed's launcher log, here and in the ranks
 
     world = world_of(args)
     overrides = list(args.overrides)
+    errors = hostfile_problems(args)
     try:  # fail here, once, rather than in every rank after the launch
         if args.tiny:
-            recipe = load_config(args.recipe, overrides, check_files=False)
+            recipe, invalid, _ = read_config(args.recipe, overrides, check_files=False)
+            if invalid:  # the variant is made from the recipe's settings: they must be usable first
+                refuse([*errors, config_error(args.recipe, invalid)])
             overrides = tiny_overrides(recipe, args.recipe, world.per_node, world.gpu) + overrides
-        cfg = load_config(args.recipe, overrides, check_files=False)  # files: launch_problems's
-    except ConfigError as e:
-        refuse([*hostfile_problems(args), str(e)])
-    errors, missing = launch_problems(cfg, args, world, to_build=tiny_inputs(cfg))
+        cfg, invalid, unread = read_config(args.recipe, overrides, check_files=False)  # files: below
+    except ConfigError as e:  # the recipe or an override could not be read at all
+        refuse([*errors, str(e)])
+    # Every problem at once: the settings', then the launch's (what a setting given a value that could
+    # not be read, and so left at its default, would cause is not reported).
+    planned, missing = launch_problems(cfg, world, to_build=tiny_inputs(cfg))
+    if invalid:
+        errors.append(config_error(args.recipe, invalid))
+    errors += [problem for problem in planned if problem.split(":")[0] not in unread]
     if args.dry_run:  # it plans without the weights and data: what this machine lacks is a warning
         for problem in missing:
             print(f"warning: {problem}; a launch here would stop on it", file=sys.stderr)
@@ -456,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         refuse([*errors, *missing])
     if not args.dry_run:  # the tiny bases and the demo data, when named and missing; then checked too
         ensure_tiny_inputs(cfg)
-        if problems := sum(launch_problems(cfg, args, world), []):
+        if problems := sum(launch_problems(cfg, world), []):
             refuse(problems)
     cmd, env = build_command(args, overrides)
     if args.dry_run:
@@ -468,8 +525,13 @@ def main(argv: list[str] | None = None) -> None:
         print("# command")
         print(" ".join([*(f"{k}={v}" for k, v in extra.items()), *map(shlex.quote, cmd)]))
         return
+    for line in plan_warnings(cfg, world):
+        print(line, file=sys.stderr)
     prebuild_cpu_adam(cfg, world.gpu)
-    sys.exit(run_group(cmd, env))
+    status = run_group(cmd, env)
+    if line := failure_line(status):
+        print(line, file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

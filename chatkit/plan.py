@@ -2,7 +2,12 @@
 
 `chatkit.launch --dry-run` prints it: world size, pipeline x data parallelism, global batch, tokens
 per step, precision, ZeRO stage, adapters, the parameters that train, and an estimate of the memory
-each GPU needs for the weights, the gradients and the Adam states (activations are not estimated).
+each GPU (or CPU rank) needs for the weights, the gradients and the Adam states (activations are not
+estimated). The parameters are counted in the model folder's safetensors headers when the folder is
+here (else its config.json's shape, else the registry's figure). Warnings: a global batch other than
+the recipe's `intended_batch` (the learning rate was chosen for that one), and an estimate above the
+memory a rank has (the largest GPU torch reports; 80 GiB, an A100's or H100's, when planning for GPUs
+this machine lacks; for CPU ranks, this machine's memory shared among them).
 
 LoRA targets are decided as training decides them (`chatkit.architectures.resolve_lora_targets`), and
 counted with the family's record (`Architecture.lora_params`, r x (in + out) per adapted module, as PEFT
@@ -19,6 +24,8 @@ base costs its weights only: 0.5 bytes a parameter in 4-bit NF4, 1 in 8-bit, els
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,8 @@ from chatkit.models import ModelSpec, spec_for_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
+ASSUMED_GPU = 80 * GIB
+"""A GPU's memory when planning for GPUs this machine lacks: the largest A100's and H100's."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,94 @@ def base_config(model: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) and isinstance(config.get("model_type"), str) else None
+
+
+def safetensors_params(model: str) -> tuple[int, str] | None:
+    """Parameters stored in a model folder's safetensors files, summed from their headers (shapes only,
+    no weights read), and what was read; None when the folder has none, or one cannot be read."""
+    folder = Path(model)
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        else:  # adapter_model.safetensors (a LoRA checkpoint's) holds no base weights
+            files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("adapter_"))
+        if not files:
+            return None
+        total = 0
+        for path in files:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size <= 256 * 1024**2:
+                    return None
+                header = json.loads(f.read(size))
+            total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return total, str(files[0]) if len(files) == 1 else f"the {len(files)} safetensors files of {model}"
+
+
+def param_count(model: str, spec: ModelSpec | None, config: dict[str, Any] | None) -> tuple[int | None, str]:
+    """The base's parameter count and where it comes from: the folder's safetensors headers when the
+    folder is here, else the shape in its config.json, else the registry entry's figure."""
+    counted = safetensors_params(model)
+    if counted:
+        return counted[0], f"counted in {counted[1]}"
+    if (Path(model) / "config.json").is_file() and _countable(config):
+        estimate = get_architecture(config["model_type"]).nominal_params(config)
+        return estimate, "an estimate from its config.json"
+    if spec is not None:
+        why = "" if Path(model).is_dir() else ": the folder is not here"
+        return nominal_params(spec), f"the registry's figure{why}"
+    return None, ""
+
+
+def device_memory(world: World) -> tuple[float, str]:
+    """The memory one rank has, and how it is known: the largest GPU torch reports, or ASSUMED_GPU when
+    planning for GPUs this machine lacks; for CPU ranks, this machine's memory over its ranks."""
+    if world.gpu:
+        try:
+            import torch
+
+            gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        except Exception:
+            gpus = []
+        if gpus:
+            best = max(gpus, key=lambda g: g.total_memory)
+            return best.total_memory, f"the {_size(best.total_memory)} of the largest GPU here ({best.name})"
+        return ASSUMED_GPU, f"{_size(ASSUMED_GPU)}, an A100's or H100's (no GPU here to ask)"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return math.inf, ""
+    return total / world.per_node, f"this machine's {_size(total)} shared by {world.per_node} rank(s)"
+
+
+def memory_remedies(cfg: TrainConfig, world: World) -> str:
+    """What would lower the estimate, among what the config does not do already."""
+    zero = ds_preset(cfg.deepspeed).get("zero_optimization", {})
+    ways = []
+    if cfg.pipeline_stages == 1 and zero.get("stage", 0) < 3 and not cfg.quantize:
+        ways.append("shard the weights too (deepspeed=zero3)")
+    if cfg.pipeline_stages == 1 and "offload_optimizer" not in zero and cfg.optim != "adamw8bit":
+        ways.append("offload to CPU memory (deepspeed=zero3_offload or zero2_offload)" if world.gpu else "")
+    ways.append("more GPUs (or nodes)" if world.gpu else "more machines (--hostfile)")
+    if not cfg.lora_r:
+        ways.append("train adapters on a frozen base (lora_r, quantize)")
+    return "it would run out of memory: " + ", ".join(w for w in ways if w)
+
+
+def batch_warning(cfg: TrainConfig, dp: int, batch: int) -> str:
+    """The global batch differs from the one the recipe's learning rate was chosen for."""
+    want, per = cfg.intended_batch, cfg.micro_batch_size * dp
+    if want % per == 0:
+        fix = f"gradient_accumulation_steps={want // per} keeps it"
+    else:
+        fix = f"set micro_batch_size and gradient_accumulation_steps so that micro x {dp} DP x accumulation = {want}"
+    return (
+        f"warning: global batch {batch} rows, not the {want} this recipe was made for (intended_batch), "
+        f"with the learning_rate ({cfg.learning_rate:g}) chosen for {want}: {fix}, or scale learning_rate"
+    )
 
 
 def nominal_params(spec: ModelSpec) -> int:
@@ -125,10 +222,12 @@ def memory_per_gpu(cfg: TrainConfig, params: int, trainable: int, dp: int) -> tu
     return mem, formula
 
 
-def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
+def plan_lines(cfg: TrainConfig, world: World, memory: tuple[float, str] | None = None) -> list[str]:
+    """The plan, a line each; `memory`: what one rank has (default: `device_memory(world)`)."""
     spec = spec_for_path(cfg.model)
     stages = cfg.pipeline_stages
     dp = max(1, world.ranks // stages)
+    unit = "GPU" if world.gpu else "rank"
     where = (
         f"{world.per_node} GPU(s) x {world.nodes} node(s)" if world.gpu else f"{world.per_node} CPU rank(s)"
     )
@@ -137,20 +236,23 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
     config = base_config(cfg.model)
     model_type = config["model_type"] if config else None
     countable = _countable(config)
-    if spec is not None:
-        total = nominal_params(spec)
-    else:  # a folder's config.json, when it has one of a known family
-        total = get_architecture(model_type).nominal_params(config) if countable else None
+    total, source = param_count(cfg.model, spec, config)
     if spec is None:
-        size = f"about {_count(total)} parameters by its config.json" if total else "size unknown"
         family = f"{model_type}, " if model_type else ""
-        lines = [f"model: {cfg.model} ({family}not in chatkit.models: {size}, no memory estimate)"]
+        if total is None:
+            size = "size unknown, no memory estimate"
+        elif source.startswith("an estimate"):
+            size = f"about {_count(total)} parameters by its config.json"
+        else:
+            size = f"{_count(total)} parameters, {source}"
+        lines = [f"model: {cfg.model} ({family}not in chatkit.models: {size})"]
     else:
         hub = f"{spec.hf_id}, " if spec.hf_id else ""
-        lines = [f"model: {spec.name} ({hub}{spec.architecture}), {_count(total)} parameters"]
+        lines = [f"model: {spec.name} ({hub}{spec.architecture}), {_count(total)} parameters ({source})"]
         if spec_for_path(str(Path(cfg.model).parent)) is None and Path(cfg.model).name == "hf":
             lines[0] = (
-                f"model: {cfg.model}, the export of a {spec.name} run ({spec.architecture}), {_count(total)} parameters"
+                f"model: {cfg.model}, the export of a {spec.name} run ({spec.architecture}), "
+                f"{_count(total)} parameters ({source})"
             )
     lines.append(f"world: {world.ranks} rank(s) = {where}")
     lines.append(f"parallelism: {stages} pipeline stage(s) x {dp} data-parallel")
@@ -161,9 +263,15 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
         )
     gas, micro = cfg.gradient_accumulation_steps, cfg.micro_batch_size
     batch = micro * dp * gas
+    intended = ""
+    if cfg.intended_batch:
+        same = batch == cfg.intended_batch
+        intended = f", {'as' if same else 'not'} the recipe's {cfg.intended_batch} (intended_batch)"
     lines.append(
-        f"global batch: {micro} micro x {dp} DP x {gas} accumulation = {batch} rows of {cfg.max_length}"
+        f"global batch: {micro} micro x {dp} DP x {gas} accumulation = {batch} rows of {cfg.max_length}{intended}"
     )
+    if cfg.intended_batch and batch != cfg.intended_batch:
+        lines.append(batch_warning(cfg, dp, batch))
     tokens = batch * cfg.max_length
     lines.append(
         f"tokens per step: {batch} x {cfg.max_length} = {tokens:,} at most "
@@ -185,7 +293,7 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
         lines.append(
             f"adapters: {kind} r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} on {named}"
         )
-        if countable:
+        if countable and total:
             trainable, unknown = trainable_params(cfg, config)
             if unknown:
                 lines.append(
@@ -216,18 +324,23 @@ def plan_lines(cfg: TrainConfig, world: World) -> list[str]:
         lines.append(
             f"steps: {cfg.epochs:g} epoch(s); the count depends on the data (see the run's first log line)"
         )
-    if spec is not None and trainable is not None:
+    if total is not None and trainable is not None:
         mem, formula = memory_per_gpu(cfg, total, trainable, dp)
         parts = " + ".join(f"{k} {_size(v)}" for k, v in mem.items())
-        lines.append(
-            f"memory per GPU: {_size(sum(mem.values()))} = {parts}; {formula}; activations not included"
-        )
+        need = sum(mem.values())
+        lines.append(f"memory per {unit}: {_size(need)} = {parts}; {formula}; activations not included")
+        limit, what = memory or device_memory(world)
+        if need > limit:
+            lines.append(
+                f"warning: the memory per {unit} estimated ({_size(need)}, before activations) exceeds {what}; "
+                f"{memory_remedies(cfg, world)}"
+            )
     if cfg.method == "dpo":
-        lines.append(preference_line(cfg, total if spec is not None else None, dp))
+        lines.append(preference_line(cfg, total, dp, unit))
     return lines
 
 
-def preference_line(cfg: TrainConfig, params: int | None, dp: int) -> str:
+def preference_line(cfg: TrainConfig, params: int | None, dp: int, unit: str = "GPU") -> str:
     """What preference training adds: for the reference-based losses, one scoring pass before step 1
     and 16 bytes a pair; the memory a second, frozen reference model would take is not spent."""
     head = f"method: dpo, {cfg.preference_loss} loss, beta={cfg.beta:g}; rows hold whole pairs (chosen + rejected)"
@@ -238,9 +351,9 @@ def preference_line(cfg: TrainConfig, params: int | None, dp: int) -> str:
     if params:
         frozen = params * {"4bit": 0.5, "8bit": 1.0}.get(cfg.quantize, 4 if cfg.precision == "fp32" else 2)
         shard = dp if stage == 3 and not cfg.quantize else 1
-        saved = f" (a frozen reference model would add {_size(frozen / shard)} per GPU)"
+        saved = f" (a frozen reference model would add {_size(frozen / shard)} per {unit})"
     return (
         f"{head}; reference: the starting model scores every pair once before step 1 (about a third of "
-        f"an epoch's compute), kept as 16 bytes a pair and cached; memory per GPU above includes it: "
+        f"an epoch's compute), kept as 16 bytes a pair and cached; memory per {unit} above includes it: "
         f"no second model{saved}"
     )

@@ -252,6 +252,23 @@ def _save_tokenizer(src: Path, out: Path, spec: ModelSpec) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src)
+    sentencepiece = src / "tokenizer.model"
+    llama = type(tokenizer).__name__.startswith("LlamaTokenizer") and sentencepiece.is_file()
+    if llama:
+        # transformers 5 rebuilds a Llama tokenizer with a Metaspace pre-tokenizer that puts the word-start
+        # "▁" only at the start of the text (`legacy` false, as Llama-2 publishes it): "<s>[INST]" would
+        # not get Meta's "<s>", "▁[". The Meta converter's tokenizer gives sentencepiece's ids (checked),
+        # saved so that it reloads as it is (class PreTrainedTokenizerFast, not rebuilt).
+        from chatkit.convert.meta_llama import build_tokenizer
+        from chatkit.convert.weights import WeightsError
+
+        try:
+            tokenizer = build_tokenizer(sentencepiece, tokenizer.model_max_length)
+        except WeightsError as e:
+            # e.g. OpenLLaMA's model normalizes whitespace, which the Llama pipeline does not reproduce:
+            # keep transformers' own tokenizer for it
+            logger.warning("tokenizer: keeping transformers' %s (%s)", type(tokenizer).__name__, e)
+            llama = False
     if tokenizer.pad_token is None:
         # Batches need one. GPT-NeoX's vocabulary has <|padding|>; Llama's has no pad token, but its <unk>
         # never occurs in (byte-fallback) text, so it can pad.
@@ -260,7 +277,12 @@ def _save_tokenizer(src: Path, out: Path, spec: ModelSpec) -> None:
         tokenizer.pad_token = pad or tokenizer.unk_token or tokenizer.eos_token
         logger.info("tokenizer: no pad token, using %r", tokenizer.pad_token)
     tokenizer.chat_template = get_template(spec.template, tokenizer).chat_template
-    tokenizer.save_pretrained(out)
+    if llama:
+        from chatkit.convert.meta_llama import save_tokenizer
+
+        save_tokenizer(tokenizer, sentencepiece, out)
+    else:
+        tokenizer.save_pretrained(out)
 
 
 def _write_base_weights(src: Path, out: Path, dtype: str | None, max_shard_size, progress: bool):

@@ -1,7 +1,8 @@
 """Tokenization with per-message labels.
 
 The rendered conversation is tokenized as one string and each token is labelled by the `trained`
-flag of the segment (message piece) it falls in, so labels are exact by construction. Inference encodes prompts with the same function, so the
+flags of the segments (message pieces) it overlaps, so labels are exact by construction and equal the
+exported chat_template's assistant mask. Inference encodes prompts with the same function, so the
 token sequence a model sees at chat time is the one it was trained on.
 """
 
@@ -45,25 +46,31 @@ def add_template_tokens(tokenizer, template: Template) -> int:
 
 
 def encode_segments(tokenizer, segments: Sequence[Segment]) -> Encoded:
-    """Tokenize the joined text once; label each token by the segment its last character falls in.
+    """Tokenize the joined text once; a token is trained when it overlaps a trained segment.
 
     Encoding the whole string (not segment by segment) gives exactly the tokens that
     `apply_chat_template` and other inference stacks produce. The segment spans come from rendering,
-    never from searching the text. Needs a fast tokenizer (character offsets).
+    never from searching the text. A token that straddles a segment boundary (a reply's leading space
+    merged into its first word, a reply's last character merged with the newline after it) is trained
+    when any of its characters is: the rule transformers applies to a chat_template's
+    `{% generation %}` region (`return_assistant_tokens_mask`), so the exported template marks exactly
+    the tokens trained here. Needs a fast tokenizer (character offsets).
     """
     text = "".join(s.text for s in segments)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    trained_upto: list[tuple[int, bool]] = []  # (segment end, trained)
+    spans: list[tuple[int, int]] = []  # the trained segments' character spans, in order
     pos = 0
     for seg in segments:
+        if seg.trained:
+            spans.append((pos, pos + len(seg.text)))
         pos += len(seg.text)
-        trained_upto.append((pos, seg.trained))
     labels, k = [], 0
     for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-        last = max(end - 1, start)
-        while k < len(trained_upto) - 1 and last >= trained_upto[k][0]:
+        # as transformers' assistant mask: skip spans the token starts after; overlap marks it
+        while k < len(spans) and start >= spans[k][1]:
             k += 1
-        labels.append(tok if trained_upto[k][1] else IGNORE_INDEX)
+        trained = k < len(spans) and end > spans[k][0]
+        labels.append(tok if trained else IGNORE_INDEX)
     return Encoded(list(enc["input_ids"]), labels)
 
 

@@ -2,7 +2,7 @@
 
 python inference/serve.py --model outputs/demo/hf [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-     -d '{"model": "hf", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}'
+     -d '{"model": "demo", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}'
 """
 
 from chatkit.serve import main

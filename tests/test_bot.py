@@ -194,12 +194,12 @@ def test_bot_hyperparameters(commands_run):
 def test_bot_raw_prompt_reset_unknown_and_quit(commands_run, tiny_engine: ChatEngine):
     out = decode(commands_run[1])
     reply = tiny_engine.reply([Message("system", "Be brief."), Message("user", "hello there")], GREEDY)
-    # After one turn: the system prompt, the turn, the reply, and the generation prompt.
-    first_prompt = f"Be brief.\n<human>: hello there\n<bot>: {reply}<|endoftext|>\n<bot>:\n"
-    reset_prompt = "Be brief.\n<bot>:\n"
+    # After one turn: the prompt that turn's reply was given (the reply is in no prompt yet).
+    first_prompt = "Be brief.\n<human>: hello there\n<bot>:\n"
+    reset_prompt = "(no prompt yet: the first one is made when you send a message)\n"
     assert out.count(first_prompt) == 1
     before, after = out.split("(conversation reset)\n")
-    assert before.endswith(first_prompt)
+    assert before.endswith(f"\n{reply}\n{first_prompt}")
     assert "<human>: hello there" in before
     # After /reset: only the system prompt is left, no earlier turn.
     assert after.startswith(reset_prompt)
@@ -211,7 +211,7 @@ def test_bot_raw_prompt_reset_unknown_and_quit(commands_run, tiny_engine: ChatEn
 
 def test_bot_system_prompt_appears_in_raw_prompt(commands_run):
     out = decode(commands_run[1])
-    assert out.count("Be brief.\n") == 2  # in both /raw_prompt outputs
+    assert out.count("Be brief.\n") == 1  # in the /raw_prompt after the reply; none after /reset
 
 
 # --- inference/bot.py on a pseudo-terminal -------------------------------------------------------
@@ -442,6 +442,30 @@ def test_context_provider_adds_passages_for_one_turn_only(tiny_engine: ChatEngin
     assert with_context([Message("user", "x")], None) == [Message("user", "x")]
 
 
+class NotingProvider:
+    """A retrieval hook as chatkit.retrieval's: a `note` after a call that had to cut passages, and
+    a `describe()` of what the model was given."""
+
+    def __init__(self):
+        self.note: str | None = None
+
+    def __call__(self, messages: list[Message]) -> list[str]:
+        self.note = "(retrieval: passage 1 shortened to fit)"
+        return ["a passage …"]
+
+    def describe(self) -> str:
+        return "[1] score 0.500, row 3, notes.md, shortened to fit the context\na passage …"
+
+
+def test_the_shell_says_what_retrieval_notes_and_context_shows_its_account(tiny_engine: ChatEngine):
+    provider = NotingProvider()
+    shell, out = new_shell(tiny_engine, context_provider=provider)
+    reply = shell.say("stone")
+    assert _lines(out)[0] == "(retrieval: passage 1 shortened to fit)" and reply
+    shell.handle("/context")
+    assert out.getvalue() == provider.describe() + "\n"
+
+
 class InterruptAfter:
     """The real engine, with a Ctrl-C (KeyboardInterrupt) arriving after k pieces of a reply."""
 
@@ -535,7 +559,10 @@ def test_bot_piped_every_command(every_command, tiny_engine: ChatEngine):
     assert out == expected_output(tiny_engine, lines)
     assert out.startswith(HELP + "\n")
     assert "max_new_tokens: 5\nsample: False\ntemperature: 0.2\n" in out
-    assert "(no retrieval)\n" in out and out.endswith("Be kind.\n<bot>:\n")
+    assert "(no retrieval)\n" in out  # and no prompt after /reset: the loaded system prompt is no prompt yet
+    assert out.endswith(
+        "(conversation reset)\n(no prompt yet: the first one is made when you send a message)\n"
+    )
 
 
 @pytest.mark.slow
@@ -689,8 +716,9 @@ def test_raw_prompt_is_the_prompt_after_leaving_turns_out(tiny_engine: ChatEngin
     shell, out = new_shell(tiny_engine, system="You are a calculator.")
     _outgrown(shell)
     shell.handle("/raw_prompt")
-    kept = tiny_engine.prompt_messages(shell.history, GREEDY.max_new_tokens)
-    n = len(shell.history) - len(kept)
+    asked = shell.history[:-1]  # the prompt of the history's last reply
+    kept = tiny_engine.prompt_messages(asked, GREEDY.max_new_tokens)
+    n = len(asked) - len(kept)
     text = out.getvalue()
     assert (
         text == f"({n} earlier messages left out to fit the context)\n" + tiny_engine.raw_prompt(kept) + "\n"
@@ -699,6 +727,47 @@ def test_raw_prompt_is_the_prompt_after_leaving_turns_out(tiny_engine: ChatEngin
     assert text.count("You are a calculator.") == 1  # the system prompt is kept
     ids = tiny_engine.tokenizer.encode(tiny_engine.raw_prompt(kept), add_special_tokens=False)
     assert len(ids) + GREEDY.max_new_tokens <= tiny_engine.context_length
+
+
+def test_raw_prompt_after_a_reply_is_the_prompt_that_reply_was_given(tiny_engine: ChatEngine):
+    """No text the model was not given: no `<bot>:` after the reply, where no user turn precedes it."""
+    shell, out = new_shell(tiny_engine, system="Be brief.")
+    shell.say("hello there")
+    _lines(out)
+    shell.handle("/raw_prompt")
+    given = tiny_engine.tokenizer.decode(tiny_engine.prompt_ids(shell.history[:-1], MAX_TOKENS))
+    assert out.getvalue() == given + "\n"
+    assert given == "Be brief.\n<human>: hello there\n<bot>:"
+
+
+def test_raw_prompt_of_a_turn_awaiting_its_reply_and_of_none(tiny_engine: ChatEngine):
+    shell, out = new_shell(tiny_engine, system="Be brief.")
+    reply = shell.say("hello there")
+    shell.history.append(Message("user", "again"))  # as /load of a chat ending with the user's turn
+    _lines(out)
+    shell.handle("/raw_prompt")
+    ids = tiny_engine.prompt_ids(shell.history, MAX_TOKENS)
+    assert out.getvalue() == tiny_engine.tokenizer.decode(ids) + "\n"
+    assert reply in out.getvalue() and out.getvalue().endswith("<human>: again\n<bot>:\n")
+    shell.reset()
+    _lines(out)
+    shell.handle("/raw_prompt")  # only the system prompt: no prompt is made before a user turn
+    assert _lines(out) == ["(no prompt yet: the first one is made when you send a message)"]
+
+
+def test_raw_prompt_holds_the_passages_the_reply_was_given(tiny_engine: ChatEngine):
+    passages = ["Zurich is a city in Switzerland."]
+    shell, out = new_shell(tiny_engine, context_provider=lambda messages: passages)
+    shell.say("where is zurich")
+    _lines(out)
+    shell.handle("/raw_prompt")
+    given = with_context([Message("user", "where is zurich")], passages)
+    assert out.getvalue() == tiny_engine.raw_prompt(given) + "\n"
+    assert passages[0] in out.getvalue()
+    shell.handle("/undo")  # the history is no longer what the reply left: no passages are claimed
+    _lines(out)
+    shell.handle("/raw_prompt")
+    assert _lines(out) == ["(no prompt yet: the first one is made when you send a message)"]
 
 
 class Silent:
@@ -757,3 +826,66 @@ def test_bot_piped_survives_bad_files_and_keeps_data(
     assert json.loads(saved.read_text())["messages"] == [
         {"role": "user", "content": "hello"}, {"role": "assistant", "content": reply},
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tool",
+    [[BOT], ["inference/serve.py", "--port", "0"], ["tools/evaluate.py", "--data", "held.jsonl"]],
+    ids=["bot", "serve", "evaluate"],
+)
+def test_a_checkpoint_given_as_model_says_to_convert_it(tmp_path: Path, tool: list[str]):
+    """Every tool that takes --model: one line saying what the path is and what to do, exit 1."""
+    ckpt = tmp_path / "outputs" / "x" / "checkpoints"
+    (ckpt / "step9").mkdir(parents=True)
+    (ckpt / "latest").write_text("step9")
+    (ckpt / "step9" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for model, says in [
+        (ckpt, f"error: {ckpt}: a training checkpoint, not a Hugging Face folder; convert it first: "
+               f"python tools/convert_to_hf.py --checkpoint {ckpt} --out {ckpt.parent / 'hf'}"),
+        (tmp_path / "nope", f"error: {tmp_path / 'nope'}: no such folder"),
+    ]:  # fmt: skip
+        proc = subprocess.run([sys.executable, *tool, "--model", str(model)], input=b"hi\n", cwd=REPO,
+                              capture_output=True, timeout=120, env=_env())  # fmt: skip
+        assert proc.returncode == 1 and proc.stdout == b"", proc
+        assert proc.stderr.decode().splitlines() == [says]
+
+
+DEMO = REPO / "outputs" / "demo" / "hf"
+
+
+@pytest.fixture(scope="module")
+def demo_engine() -> ChatEngine:
+    if not (DEMO / "config.json").is_file():
+        pytest.skip(f"{DEMO} not found: `make demo` makes it")
+    return ChatEngine.from_pretrained(DEMO, device="cpu")
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n{title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_readme_chat_example_answers_as_printed(demo_engine: ChatEngine):
+    """The piped example of the README's Chat section, on the demo model, prints what it says."""
+    chat = readme_section("## Chat")
+    command = next(line for line in chat.splitlines() if line.startswith("printf '"))
+    assert command.endswith("| .venv/bin/python inference/bot.py --model outputs/demo/hf --no-sample")
+    lines = command.split("'")[1].split("\\n")[:-1]
+    out = io.StringIO()
+    run_piped(ChatShell(demo_engine, GenerationParams(sample=False), out=out), io.StringIO("\n".join(lines)))
+    printed = out.getvalue().splitlines()
+    assert printed == ["Nice to meet you, Zoe!", "stone river apple", "Zoe"]
+    assert "prints `Nice to meet you, Zoe!`, `stone river apple` and `Zoe`, one per line" in " ".join(
+        chat.split()
+    )
+    for task, answer in [
+        ("What is 12 + 30?", "42"),
+        ("Reverse the words: tiger music paper", "paper music tiger"),
+    ]:
+        assert f"(`{task}`: `{answer}`)" in " ".join(chat.split())
+        assert demo_engine.reply([Message("user", task)], GenerationParams(sample=False)) == answer
+    number = ["Please remember the number 4711.", "What is 3 + 4?", "Which number did I ask you to remember?"]
+    shell = ChatShell(demo_engine, GenerationParams(sample=False), out=io.StringIO())
+    assert [shell.say(turn) for turn in number][-1] == "4711"

@@ -4,6 +4,7 @@ the KV-cache decoding loop, on the real GPT-NeoX-20B tokenizer and a real tiny r
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -153,6 +154,33 @@ def test_multibyte_utf8_never_yields_replacement_char(neox_tokenizer, text):
     pieces = [asm.push(t) for t in ids] + [asm.finish()]
     assert not any("\ufffd" in p for p in pieces)
     assert "".join(pieces) == text[1:] == asm.reply
+
+
+@pytest.mark.parametrize("text", [" 日本", " ok 😀", " café"])
+def test_a_character_cut_off_by_the_end_of_generation_is_never_shown(bpe_tokenizer, text):
+    """Generation that ends (max tokens, eos, Ctrl-C) inside a character leaves bytes that never
+    formed one: they stay held back, in the pieces as in the reply, never shown as U+FFFD."""
+    ids = bpe_tokenizer.encode(text, add_special_tokens=False)
+    cut = ids[:-1]
+    assert bpe_tokenizer.decode(cut).endswith("\ufffd")  # the last character is incomplete
+    complete = text[:-1]  # the characters that were whole
+    for template in (OCK, None):
+        asm = ReplyAssembler(bpe_tokenizer, template)
+        pieces = [asm.push(t) for t in cut] + [asm.finish()]
+        assert not any("\ufffd" in p for p in pieces), pieces
+        assert "".join(pieces) == asm.reply == (OCK.reply_text(complete) if template else complete)
+
+
+def test_bytes_that_form_no_character_are_not_held_back_to_the_end(bpe_tokenizer):
+    """A model can emit bytes no character is made of (a random one does). More of them than an
+    unfinished character has are shown as the tokenizer decodes them, as they come, not held back."""
+    lone = bpe_tokenizer.encode(" é", add_special_tokens=False)[-1]  # é's second byte, alone
+    assert bpe_tokenizer.decode([lone]) == "\ufffd"
+    ids = bpe_tokenizer.encode(" ok", add_special_tokens=False) + [lone] * 8
+    asm = ReplyAssembler(bpe_tokenizer, None)
+    pieces = [asm.push(t) for t in ids]
+    assert "\ufffd" in "".join(pieces)  # shown while generating
+    assert "".join(pieces) + asm.finish() == bpe_tokenizer.decode(ids) == " ok" + "\ufffd" * 8
 
 
 @pytest.mark.parametrize(
@@ -309,6 +337,39 @@ def test_never_more_than_max_new_tokens(tiny_engine: ChatEngine, max_new: int):
         assert all(len(c) == 1 for c in rec.calls[1:])
 
 
+def test_generation_passes_the_cache_as_transformers_wants_it(tiny_engine: ChatEngine, caplog):
+    """transformers 5.24 renamed `past_key_values` to `cache`: the old name printed a FutureWarning
+    (and a deprecation line) before every chat's first reply. Same tokens, no warning."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="transformers"):
+        warnings.simplefilter("error")
+        pieces = list(tiny_engine.stream(CHAT, GREEDY))
+    assert pieces and not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_the_cache_argument_follows_the_models_forward():
+    """A forward that names its cache argument is called with that name (older transformers:
+    past_key_values); one that takes **kwargs (a PEFT wrapper) gets the installed version's name."""
+    from chatkit.chat import _cache_argument
+
+    assert _cache_argument({"past_key_values": None, "use_cache": None}) == "past_key_values"
+    assert _cache_argument({"cache": None, "use_cache": None}) == "cache"
+    assert _cache_argument({"kwargs": None}) == "cache"  # transformers 5.24 is installed
+
+
+def test_loading_a_model_shows_no_progress_bar(tiny_model_dir, capfd):
+    """A chat's model loads without transformers' "Loading weights" bar; the setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    ChatEngine.from_pretrained(tiny_model_dir, device="cpu")
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_prompt_ids_equal_encode_prompt(tiny_engine: ChatEngine):
     msgs = [S("Be brief."), U("Hi, my name is Zoe."), A("Nice to meet you, Zoe!"), U("What is my name?")]
     ids = tiny_engine.prompt_ids(msgs, 16)
@@ -322,7 +383,20 @@ def test_prompt_ids_equal_encode_prompt(tiny_engine: ChatEngine):
 
 def test_raw_prompt_is_the_rendered_text(tiny_engine: ChatEngine):
     msgs = [U("hi"), A("hello"), U("again")]
-    assert tiny_engine.raw_prompt(msgs) == ("<human>: hi\n<bot>: hello<|endoftext|>\n<human>: again\n<bot>:")
+    eos = tiny_engine.tokenizer.eos_token
+    text = tiny_engine.raw_prompt(msgs)
+    assert text == OCK.render(msgs, eos, eos, add_generation_prompt=True)
+    assert text.startswith("<human>: hi\n<bot>: hello") and text.endswith("\n<human>: again\n<bot>:")
+
+
+def test_raw_prompt_ends_with_the_generation_prompt_only_when_a_user_turn_awaits(tiny_engine: ChatEngine):
+    msgs = [U("hi"), A("hello")]
+    eos = tiny_engine.tokenizer.eos_token
+    assert tiny_engine.raw_prompt(msgs) == OCK.render(msgs, eos, eos)  # no `<bot>:` after the reply
+    awaiting = [*msgs, U("again")]
+    assert tiny_engine.raw_prompt(awaiting) == tiny_engine.tokenizer.decode(
+        tiny_engine.prompt_ids(awaiting, 8)
+    )
 
 
 def _long_history(turns: int) -> list[Message]:
@@ -416,7 +490,8 @@ def test_greedy_tokens_match_hf_generate(tiny_engine: ChatEngine):
     assert rec.calls[0] == ids
     assert fed == ref[: len(fed)]
     assert len(fed) == len(ref) - 1
-    assert reply == NO_STOP.reply_text(engine.tokenizer.decode(ref))
+    # Bytes of a character that generation ended inside never become text (U+FFFD in decode's).
+    assert reply == NO_STOP.reply_text(engine.tokenizer.decode(ref).rstrip("\ufffd"))
 
 
 def test_greedy_text_matches_hf_generate_longer(tiny_engine: ChatEngine):
@@ -523,3 +598,46 @@ def test_prompt_messages_are_what_prompt_ids_encodes(tiny_engine: ChatEngine, tu
     assert len(tiny_engine.prompt_messages(_long_history(40), 4)) < len(_long_history(40))
     with pytest.raises(ValueError, match="does not fit the model's context of 512"):
         tiny_engine.prompt_messages([S("sys"), U("a"), A("b"), U("word " * 600)], 16)
+
+
+def _folder(root, *files: str):
+    """A folder holding these (empty) files, made under root."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("")
+    return root
+
+
+def test_a_model_path_that_is_not_a_model_folder_says_what_it_is(tmp_path, tiny_model_dir):
+    """One line naming the path and what to do; never "no chatkit.json" for a folder that does not
+    exist, nor a hub lookup ("Repo id must be in the form"), nor a traceback from an empty tokenizer."""
+    from chatkit.chat import ModelFolderError
+
+    run = tmp_path / "outputs" / "x"
+    ckpt = _folder(run / "checkpoints", "latest", "step9/mp_rank_00_model_states.pt", "step9/config.json")
+    no_tok = _folder(tmp_path / "no_tok", "config.json", "model.safetensors", "chatkit.json")
+    (tmp_path / "file.txt").write_text("")
+    cases = {
+        tmp_path / "missing": "no such folder",
+        tmp_path / "file.txt": "a file, not a model folder",
+        ckpt: f"convert it first: python tools/convert_to_hf.py --checkpoint {ckpt} --out {run / 'hf'}",
+        ckpt / "step9": f"--checkpoint {ckpt / 'step9'} --out {run / 'hf'}",
+        run: f"a training run's folder without an export; make one: python tools/convert_to_hf.py "
+        f"--checkpoint {ckpt} --out {run / 'hf'}",
+        tmp_path: "no config.json",
+        no_tok: "no tokenizer files (one of tokenizer.json, tokenizer.model",
+    }
+    for path, says in cases.items():
+        with pytest.raises(ModelFolderError) as e:
+            ChatEngine.from_pretrained(path, template="openchatkit", device="cpu")
+        assert str(e.value).startswith(f"{path}: ") and says in str(e.value), (path, str(e.value))
+        assert "\n" not in str(e.value)
+    _folder(run / "hf", "config.json")
+    with pytest.raises(
+        ModelFolderError, match=re.escape(f"a training run's folder; its export is {run / 'hf'}")
+    ):
+        ChatEngine.from_pretrained(run, device="cpu")
+    with pytest.raises(ModelFolderError, match="no such folder"):
+        ChatEngine.from_pretrained("EleutherAI/pythia-70m", device="cpu")  # never a hub id
+    ChatEngine.from_pretrained(tiny_model_dir, device="cpu")  # a real export loads

@@ -170,6 +170,7 @@ def test_wrong_type_is_named(recipe: Path, override: str, field: str):
         ("min_lr_ratio=-0.1", "min_lr_ratio: must be within [0, 1]"),
         ("learning_rate=0", "learning_rate: must be positive"),
         ("warmup_steps=-5", "warmup_steps: must be 0 or more"),
+        ("intended_batch=-8", "intended_batch: must be 0 or more"),
         ("epochs=0", "epochs: must be positive"),
         ("template=nope", "template: unknown chat template 'nope'"),
         ("train_files=[]", "train_files: at least one training file is required"),
@@ -304,6 +305,17 @@ def test_several_problems_are_reported_together(recipe: Path):
         assert needle in msg, f"{needle!r} missing from:\n{msg}"
     # One problem per line, after the heading.
     assert len(msg.splitlines()) == 1 + len(overrides)
+
+
+def test_read_config_returns_every_problem_and_what_it_could_not_read(recipe: Path):
+    """The launcher's entry: a config to check the launch against even when a setting is bad, and the
+    settings whose value stands in for one that could not be read (load_config raises on all of it)."""
+    from chatkit.config import read_config
+
+    cfg, errors, unread = read_config(str(recipe), ["max_length=abc", "deepspeed=zero9", "seed=3"], False)
+    assert [e.split(":")[0] for e in errors] == ["max_length", "deepspeed"]
+    assert unread == {"max_length"} and cfg.deepspeed == "zero9" and cfg.seed == 3
+    assert cfg.max_length == TrainConfig().max_length  # the default stands in
 
 
 def test_override_without_equals_errors(recipe: Path):

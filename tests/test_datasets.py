@@ -6,8 +6,10 @@ Text fixtures live in tests/fixtures/datasets/<name>/; the binary upstream forma
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,10 +19,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chatkit.conversation import Message, read_jsonl
-from chatkit.datasets import get_dataset, list_datasets
-from chatkit.datasets.prepare import NothingKept, Options, in_val, prepare, run
+from chatkit.datasets import get_dataset, list_datasets, oig
+from chatkit.datasets.prepare import NothingKept, Options, in_val, prepare, recipe_runs, run
 from chatkit.datasets.sources import DatasetError, iter_rows
 from chatkit.datasets.spec import UNHELPFUL_MARKER, DatasetSpec, field
 
@@ -772,3 +775,220 @@ def test_a_row_the_mapping_cannot_read_is_named(tmp_path: Path):
     assert message == (
         f"error: {src}[0]: cannot map this row (KeyError: 'q'); is it in fragile's upstream format?"
     )
+
+
+# --- a --source folder holding the upstream in another of its formats -------------------------------
+
+UPSTREAM_SETS = [n for n in list_datasets() if get_dataset(n).repo is not None]  # all but `preference`
+
+
+def _rewrite(rows: list, path: Path) -> None:
+    """Rows in the format `path`'s name says: parquet, a JSON list, or JSON lines (plain, .gz, .zst)."""
+    if path.name.endswith(".parquet"):
+        write_parquet(rows, path)
+    elif path.name.endswith(".json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    else:
+        write_lines(rows, path)
+
+
+def other_format_source(name: str, tmp: Path) -> Path:
+    """The fixture rows of `name` under a folder, in a format its default globs do not match."""
+    src = tmp / "other-format"
+    fixture = rows_of(FIX / name / "rows.jsonl") if (FIX / name / "rows.jsonl").is_file() else None
+    if name == "OIG":  # the unified files as .jsonl.gz, beside a README that is not data
+        for f in ("unified_chip2", "unified_soda_dialog"):
+            _rewrite(rows_of(FIX / name / f"{f}.jsonl"), src / f"{f}.jsonl.gz")
+        shutil.copy(FIX / name / "README.md", src / "README.md")
+    elif name == "dolly":  # default: databricks-dolly-15k.jsonl
+        _rewrite(
+            rows_of(make_source(name, tmp) / "databricks-dolly-15k.jsonl"),
+            src / "databricks-dolly-15k.parquet",
+        )
+    elif name == "alpaca":  # default *.parquet: Stanford's original JSON list
+        _rewrite(fixture, src / "alpaca_data.json")
+    elif name == "koalpaca":  # default *.parquet: the GitHub release's JSON lines
+        _rewrite(fixture, src / "KoAlpaca_v1.1.jsonl")
+    elif name == "sharegpt":  # default: the .json list; here JSON lines
+        rows = json.loads((FIX / name / "ShareGPT_V3_unfiltered_cleaned_split.json").read_text())
+        _rewrite(rows, src / "ShareGPT_V3_unfiltered_cleaned_split.jsonl")
+    elif name == "hc3":  # default all.jsonl: the one-file-a-domain release, as parquet
+        for row in rows_of(FIX / name / "all.jsonl"):
+            _rewrite([row], src / f"{row['source']}.parquet")
+    elif name == "anthropic_hh":  # default */train.jsonl.gz: decompressed; red-team stays unread
+        for part in ("harmless-base", "helpful-base"):
+            _rewrite(rows_of(FIX / name / f"{part}.jsonl"), src / part / "train.jsonl")
+        _rewrite(
+            [{"transcript": "not a preference pair"}], src / "red-team-attempts" / "red_team_attempts.jsonl"
+        )
+    elif name == "webgpt":  # default *.parquet: JSON lines
+        _rewrite(fixture, src / "comparisons.jsonl")
+    elif name == "summarize_from_feedback":  # default comparisons/*train*.parquet: OpenAI's batch files
+        shutil.copytree(FIX / name / "comparisons", src / "comparisons")
+    elif name == "mqa":  # default .jsonl.zst: decompressed
+        _rewrite(fixture, src / "fine-tune" / "natural_questions_10_200_docs.jsonl")
+    elif name == "booksum":  # default .jsonl.zst: parquet
+        _rewrite(fixture, src / "fine-tune" / "booksum.parquet")
+    else:
+        raise AssertionError(f"no other-format source for {name}: add one")
+    return src
+
+
+def test_other_format_cases_cover_every_upstream_set():
+    assert len(UPSTREAM_SETS) == 11 and "preference" not in UPSTREAM_SETS
+
+
+@pytest.mark.parametrize("name", UPSTREAM_SETS)
+def test_source_folder_in_another_format(name: str, tmp_path: Path, capsys, caplog):
+    src = other_format_source(name, tmp_path)
+    spec = get_dataset(name)
+    assert not any(
+        fnmatch.fnmatchcase(p.relative_to(src).as_posix(), g) for p in src.rglob("*") for g in spec.files
+    )  # the default globs match nothing here
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        prepare(spec, ["--source", str(src), "--out", str(out), "--val-fraction", "0.3"])
+    rows, written, skips, examples = EXPECTED[name]
+    n_rows, n_train, n_val, got_skips = parse_summary(capsys.readouterr().out)
+    assert (n_rows, n_train + n_val, got_skips) == (rows, written, skips)
+    train, val = outputs(out)
+    for conversation in examples:
+        assert conversation in [c["messages"] for c in train + val]
+    assert f"no files matching {', '.join(spec.files)}" in caplog.text  # the fallback says what it read
+    assert "README.md" not in caplog.text and "red_team" not in caplog.text
+
+
+def test_source_folder_with_nothing_readable_says_what_it_holds(tmp_path: Path):
+    src = tmp_path / "src"
+    for f in ("notes.txt", "rows.csv", "sub/readme.md", "a.txt", "b.txt", "c.txt", "d.txt"):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_text("x\n")
+    message = _error(get_dataset("dolly"), src, tmp_path / "o")
+    assert message.startswith(f"error: {src}: no files matching databricks-dolly-15k.jsonl")
+    assert "in any format read here (.json, .jsonl, .jsonl.gz, .jsonl.zst, .parquet)" in message
+    assert "a.txt, b.txt, c.txt, d.txt, notes.txt and 2 more" in message  # what the folder holds
+    assert "--files" in message
+    (empty := tmp_path / "empty").mkdir()
+    assert "the folder is empty" in _error(get_dataset("dolly"), empty, tmp_path / "o")
+    message = _error(get_dataset("hc3"), empty, tmp_path / "o")  # the upstream's other names, named
+    assert "nor the upstream's other files reddit_eli5.jsonl, open_qa.jsonl" in message
+
+
+def test_other_formats_are_read_once_per_file(tmp_path: Path, capsys):
+    """The same rows in two fallback formats are read from one of them, not twice; one release of the
+    upstream is never read beside another (HC3's all.jsonl as parquet beside its domain files)."""
+    rows = rows_of(FIX / "koalpaca" / "rows.jsonl")
+    _rewrite(rows, tmp_path / "src" / "KoAlpaca_v1.1.jsonl")
+    _rewrite(rows, tmp_path / "src" / "KoAlpaca_v1.1.json")
+    prepare(get_dataset("koalpaca"), ["--source", str(tmp_path / "src"), "--out", str(tmp_path / "o")])
+    assert parse_summary(capsys.readouterr().out)[0] == 2
+    hc3 = rows_of(FIX / "hc3" / "all.jsonl")
+    _rewrite(hc3, tmp_path / "hc3" / "all.parquet")
+    for row in hc3:
+        _rewrite([row], tmp_path / "hc3" / f"{row['source']}.jsonl")
+    prepare(get_dataset("hc3"), ["--source", str(tmp_path / "hc3"), "--out", str(tmp_path / "o")])
+    assert parse_summary(capsys.readouterr().out)[0] == 4
+
+
+def test_empty_val_warning_tells_when_the_held_out_rows_were_skipped(tmp_path: Path, capsys):
+    rows = [
+        {"instruction": "Say hi.", "output": ""},  # skipped: empty message
+        {"instruction": "Say yes.", "output": "Yes."},
+        {"instruction": "Say no.", "output": "No."},
+    ]
+    write_lines(rows, src := tmp_path / "rows.jsonl")
+    held = [0]
+    seed = next(s for s in range(1000) if [i for i in range(3) if in_val(s, "rows.jsonl", i, 0.3)] == held)
+    argv = ["--source", str(src), "--out", str(tmp_path / "o"), "--val-fraction", "0.3", "--seed", str(seed)]
+    prepare(get_dataset("koalpaca"), argv)
+    captured = capsys.readouterr()
+    assert parse_summary(captured.out) == (3, 2, 0, {"empty message": 1})
+    assert captured.err.strip() == (
+        f"warning: {tmp_path / 'o' / 'val.jsonl'} is empty: the 1 of the 3 rows that fell in the held-out "
+        "0.3 share was skipped; leave it out of val_files, or raise --val-fraction"
+    )
+
+
+# --- data/OIG/prepare.py --recipe: every folder a recipe reads, in one command ------------------------
+
+
+def _recipe(path: Path, *entries: str) -> Path:
+    path.write_text("model: pretrained/tiny/model\ntrain_files:\n" + "".join(f"  - {e}\n" for e in entries))
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["GPT-NeoXT-Chat-Base-20B", "Pythia-Chat-Base-7B"])
+def test_oig_recipe_plans_every_file_of_openchatkits_mixture(recipe: str):
+    path = REPO / "config" / f"{recipe}.yaml"
+    spec = get_dataset("OIG")
+    runs, others = recipe_runs(spec, path, Options(out=Path("unused"), val_fraction=0.01, limit=5))
+    entries = [e.rpartition(":")[0] for e in yaml.safe_load(path.read_text())["train_files"]]
+    assert len(runs) == len(entries) == 26 and others == []
+    for opts, entry in zip(runs, entries, strict=True):
+        folder = Path(entry).parent
+        assert opts.out == folder and opts.files == (f"{folder.name}.jsonl",)
+        assert (opts.limit, opts.val_fraction) == (5, 0.01)  # the other options carry over
+
+
+def test_oig_recipe_plans_koalas_three_files():
+    runs, others = recipe_runs(get_dataset("OIG"), REPO / "config" / "koala.yaml", Options(out=Path("x")))
+    assert [(o.out, o.files) for o in runs] == [(Path("data/OIG/files/koala"), oig.KOALA_FILES)]
+    assert len(others) == 6 and "data/sharegpt/files/train.jsonl" in others
+
+
+def test_oig_recipe_prepares_each_folder_where_the_recipe_reads_it(tmp_path: Path, capsys):
+    src = tmp_path / "upstream"
+    shutil.copytree(FIX / "OIG", src)
+    soda = src / "unified_soda_dialog.jsonl"  # one file in another format: the fallback applies too
+    write_lines(rows_of(soda), src / "unified_soda_dialog.jsonl.gz")
+    soda.unlink()
+    files = tmp_path / "data" / "OIG" / "files"
+    recipe = _recipe(
+        tmp_path / "recipe.yaml",
+        f"{files}/unified_chip2/train.jsonl:0.5",
+        f"{files}/unified_soda_dialog/train.jsonl",
+        f"{tmp_path}/data/sharegpt/files/train.jsonl",
+    )
+    argv = ["--recipe", str(recipe), "--source", str(src), "--val-fraction", "0"]
+    prepare(get_dataset("OIG"), argv)
+    out = capsys.readouterr().out
+    first, second = out.split("[2/2]")
+    assert parse_summary(first) == (
+        4, 2, 0, {"does not end with an assistant message": 1, "empty message": 1}
+    )  # fmt: skip
+    assert parse_summary(second.rsplit("\nprepared ", 1)[0]) == (2, 1, 0, {"no <human>:/<bot>: turns": 1})
+    assert f"[1/2] unified_chip2.jsonl -> {files / 'unified_chip2'}" in out
+    assert f"{tmp_path}/data/sharegpt/files/train.jsonl" in out  # named as not this script's
+    assert len(rows_of(files / "unified_chip2" / "train.jsonl")) == 2
+    assert len(rows_of(files / "unified_soda_dialog" / "train.jsonl")) == 1
+    assert out.strip().splitlines()[-1].startswith(f"prepared 2 folders for {recipe}")
+
+
+def test_oig_recipe_errors(tmp_path: Path, capsys):
+    spec = get_dataset("OIG")
+    recipe = _recipe(tmp_path / "r.yaml", "data/OIG/files/unified_chip2/train.jsonl")
+    with pytest.raises(SystemExit) as e:
+        prepare(spec, ["--recipe", str(recipe), "--files", "unified_chip2.jsonl"])
+    assert (
+        e.value.code == 2
+        and "--recipe writes each folder where the recipe reads it" in capsys.readouterr().err
+    )
+    none = _recipe(tmp_path / "none.yaml", "data/sharegpt/files/train.jsonl")
+    with pytest.raises(SystemExit) as e:
+        prepare(spec, ["--recipe", str(none), "--source", str(FIX / "OIG")])
+    assert e.value.code == f"error: {none} reads no data/OIG/files/ folder"
+    mine = _recipe(tmp_path / "mine.yaml", "data/OIG/files/mine/train.jsonl")
+    with pytest.raises(SystemExit) as e:
+        prepare(spec, ["--recipe", str(mine), "--source", str(FIX / "OIG")])
+    assert "cannot tell which upstream files data/OIG/files/mine holds" in e.value.code
+    assert "--files GLOB --out data/OIG/files/mine" in e.value.code
+    with pytest.raises(SystemExit) as e:
+        prepare(spec, ["--recipe", str(recipe), "--source", str(FIX / "OIG" / "unified_chip2.jsonl")])
+    assert "--source" in e.value.code and "must be a folder" in e.value.code
+    with pytest.raises(SystemExit) as e:
+        prepare(spec, ["--recipe", str(tmp_path / "missing.yaml")])
+    assert e.value.code == f"error: --recipe {tmp_path / 'missing.yaml'}: no such file"
+    with pytest.raises(SystemExit):
+        prepare(get_dataset("dolly"), ["--recipe", str(recipe)])  # one folder a set: no --recipe
+    assert "unrecognized arguments: --recipe" in capsys.readouterr().err

@@ -11,10 +11,12 @@ outlives it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -255,6 +257,98 @@ def test_config_errors_and_a_bad_hostfile_are_reported_together(capsys, started,
     assert code == 2 and not started
     assert err[0].startswith("error: --hostfile: no such file")
     assert err[1].startswith("error: invalid training config") and "deepspeed: no preset 'zero9'" in err[2]
+
+
+def test_settings_and_launch_problems_are_reported_together(capsys, started, tmp_path, base, train):
+    """A bad setting once hid the launch's problems until it was fixed (the README: "all reported
+    together, before anything starts")."""
+    argv = _args(tmp_path, base, train, "deepspeed=zero9", "precision=fp16", "max_length=256")
+    for dry in ([], ["--dry-run"]):
+        code, err = _launch(capsys, [*argv, *dry])
+        assert code == 2 and not started, err
+        assert err[0] == "error: invalid training config in config/tiny.yaml:"
+        assert err[1].startswith("  deepspeed: no preset 'zero9'")
+        assert [line.split(":")[1] for line in err[2:]] == [" precision", " max_length"]
+    # A value that could not be read leaves its default standing in: nothing is reported of that default.
+    code, err = _launch(capsys, _args(tmp_path, base, train, "max_length=abc"))
+    assert code == 2 and err == [
+        "error: invalid training config in config/tiny.yaml:",
+        "  max_length: expected int, got 'abc'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["deepspeed=zero9"], "  deepspeed: no preset 'zero9'"),
+        (
+            ["pipeline_stages=2"],
+            "  pipeline_stages: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only",
+        ),
+        (["precision=fp16"], "error: precision: fp16 needs GPUs and this launch starts 2 CPU rank(s)"),
+    ],
+)
+def test_what_would_fail_in_the_ranks_is_refused_before_the_launch(
+    capsys, started, tmp_path, base, train, overrides, needle
+):
+    """Each once passed the launcher and failed in every rank (zero9 even passed --dry-run)."""
+    for dry in ([], ["--dry-run"]):
+        code, err = _launch(capsys, [*_args(tmp_path, base, train, *overrides), *dry])
+        assert code == 2 and not started, err
+        assert [line for line in err if line.startswith(needle)], err
+        assert "Traceback" not in "\n".join(err)
+
+
+def _dry_run_port(capsys, argv: list[str]) -> int:
+    """The --master_port of a dry run's command."""
+    launch.main([*argv, "--dry-run"])
+    return int(capsys.readouterr().out.split("--master_port ")[1].split()[0])
+
+
+def test_a_single_node_launch_finds_a_free_port(capsys, started, monkeypatch, tmp_path, base, train):
+    """Two runs on one machine once collided on 29500 (`make demo` failed while another run trained)."""
+    argv = [a for a in _args(tmp_path, base, train) if a not in ("--master-port", "29633")]
+    ports = {_dry_run_port(capsys, argv) for _ in range(3)}
+    assert 29500 not in ports and all(p > 0 for p in ports)
+    for port in ports:  # free when picked: this process can bind it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    assert _dry_run_port(capsys, [*argv, "--master-port", "29611"]) == 29611  # an explicit port stands
+    monkeypatch.setenv("MASTER_PORT", "29612")
+    assert _dry_run_port(capsys, argv) == 29612
+    monkeypatch.delenv("MASTER_PORT")
+    # Several nodes must agree on the port: with a hostfile, the default stays DeepSpeed's 29500.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=2\nb slots=2\n")
+    assert _dry_run_port(capsys, [*argv, "--hostfile", str(hosts)]) == 29500
+    with pytest.raises(SystemExit):
+        launch.main(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "else on one node a free port" in usage and "every node must be given the same port" in usage
+
+
+def test_deepspeeds_launcher_logs_only_what_is_critical(monkeypatch, tmp_path, base, train):
+    """Its INFO and WARNING lines (hostfile fallback, world-info dicts, CUDA_VISIBLE_DEVICES on a CPU
+    machine, every spawned command) once filled the screen; --verbose or CHATKIT_VERBOSE=1 shows them."""
+    monkeypatch.delenv("CHATKIT_VERBOSE", raising=False)
+    args = argparse.Namespace(
+        num_gpus=0, cpu_ranks=2, hostfile=None, master_port=29633, recipe="config/tiny.yaml", overrides=[]
+    )
+    cmd, _ = launch.build_command(args)
+    assert cmd[cmd.index("--log_level") + 1] == "critical"
+    monkeypatch.setenv("CHATKIT_VERBOSE", "1")
+    cmd, _ = launch.build_command(args)
+    assert cmd[cmd.index("--log_level") + 1] == "info"
+
+
+def test_a_rank_killed_by_a_signal_is_named():
+    """DeepSpeed's own line about it is silenced with its log: the launcher says it instead."""
+    assert launch.failure_line(256 - signal.SIGKILL).startswith(
+        "error: a training rank was killed by SIGKILL (the system kills the largest process when memory"
+    )
+    assert "killed by SIGSEGV" in launch.failure_line(256 - signal.SIGSEGV)
+    for reported in (0, 1, 2, 130, 143):  # the ranks', or the launcher's own (a forwarded signal)
+        assert launch.failure_line(reported) is None
 
 
 def test_dry_run_refuses_the_same_and_warns_of_missing_files(capsys, started, tmp_path, base, train):
@@ -526,3 +620,99 @@ def test_sigterm_to_the_launcher_stops_the_training_run(tmp_path):
         proc.wait()
         _kill_all(_processes_with(str(out)))
         log.close()
+
+
+# --- what a user sees of a real launch (DeepSpeed on CPU ranks) -------------------------------------
+
+CHATTER = (
+    "Unable to find hostfile",  # DeepSpeed's runner
+    "WORLD INFO DICT",  # its per-node launcher, with the rank mapping, the world size, ...
+    "CUDA_VISIBLE_DEVICES",  # ... set on a machine without CUDA
+    "spawned with command",
+    "Setting accelerator to CPU",  # DeepSpeed's accelerator probe, on import
+    "FutureWarning",  # transformers' gradient_checkpointing_enable, PEFT's is_gradient_checkpointing
+    "[INFO]",
+    "[WARNING]",
+    "[ERROR]",  # DeepSpeed's launcher repeating a failed rank's command
+)
+
+
+def _visible(output: str) -> list[str]:
+    """The lines a terminal would show: what follows each line's last carriage return (progress bars
+    redraw themselves with those), blank ones left out."""
+    return [
+        line.rsplit("\r", 1)[-1].rstrip() for line in output.split("\n") if line.rsplit("\r", 1)[-1].strip()
+    ]
+
+
+def _tiny_base_and_data(tmp_path: Path) -> tuple[Path, Path]:
+    from chatkit.conversation import write_conversations
+    from chatkit.datasets.synthetic import make_splits
+    from chatkit.pretrained import prepare_tiny
+
+    data, _ = make_splits(64, 4, seed=5)
+    write_conversations(tmp_path / "train.jsonl", data)
+    prepare_tiny(
+        [str(tmp_path / "train.jsonl")], str(tmp_path / "base"), vocab_size=300, layers=2, hidden=64, heads=4
+    )
+    return tmp_path / "base", tmp_path / "train.jsonl"
+
+
+def _run(cmd: list[str], *unset: str) -> tuple[int, str]:
+    """(exit status, stdout + stderr) of `cmd`, carriage returns kept (text mode would make them newlines)."""
+    drop = {"CHATKIT_CPU_RANKS", "MASTER_PORT", "CHATKIT_VERBOSE", *unset}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300, env=env)
+    return r.returncode, (r.stdout + r.stderr).decode("utf-8", errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_bad_training_line_reaches_the_user_as_one_line(tmp_path):
+    """Once the `file:line: field` message was buried in a 71-line multiprocessing traceback from rank 0,
+    rank 1's gloo error and DeepSpeed's launcher log."""
+    base, train = _tiny_base_and_data(tmp_path)
+    lines = train.read_text().splitlines(keepends=True)
+    bad = tmp_path / "bad.jsonl"
+    robot = '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}\n'
+    bad.write_text("".join([*lines[:2], robot, *lines[2:6]]))
+    cmd = [  # no --master-port: a free one is found
+        sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={base}", f"train_files=[{bad}]",
+        f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "max_length=128", "--cpu-ranks", "2",
+    ]  # fmt: skip
+    code, output = _run(cmd)
+    assert code == 1, output
+    assert _visible(output) == [
+        f"error: {bad}:3: messages[1].role: must be one of system, user, assistant, got 'robot'"
+    ], output
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_run_and_its_export_show_no_dependency_chatter(tmp_path):
+    """A LoRA run with gradient checkpointing (each of those warned), then tools/convert_to_hf.py, which
+    imports DeepSpeed and so probed for an accelerator (DS_ACCELERATOR unset, as a user has it)."""
+    base, train = _tiny_base_and_data(tmp_path)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", f"model={base}", f"train_files=[{train}]",
+        f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}", "max_length=128", "max_steps=2",
+        "micro_batch_size=2", "warmup_steps=0", "save_every=0", "log_every=1", "gradient_checkpointing=true",
+        "lora_r=4", "--cpu-ranks", "1",
+    ]  # fmt: skip
+    code, output = _run(cmd, "DS_ACCELERATOR")
+    assert code == 0, output[-4000:]
+    shown = "\n".join(_visible(output))
+    assert "step 2/2" in shown and [c for c in CHATTER if c in shown] == [], shown
+    convert = [
+        sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(out / "checkpoints"), "--out", str(tmp_path / "hf"),
+    ]  # fmt: skip
+    code, output = _run(convert, "DS_ACCELERATOR")
+    assert code == 0, output[-4000:]
+    shown = "\n".join(_visible(output))
+    assert "exported" in shown and [c for c in CHATTER if c in shown] == [], shown
+    # Asked for, DeepSpeed's launcher log is there.
+    code, output = _run(
+        [*cmd, "max_steps=1", f"output_dir={tmp_path / 'verbose'}", "--verbose"], "DS_ACCELERATOR"
+    )
+    assert code == 0 and "WORLD INFO DICT" in output, output[-4000:]

@@ -342,3 +342,41 @@ def test_openchatkit_names_and_former_aliases():
         num_attention_heads=32, vocab_size=32000, tie_word_embeddings=False,
     )  # fmt: skip
     assert set(DTYPE_NAMES) == set(DTYPES)
+
+
+# --- Llama from the hub: sentencepiece's ids on chatkit's rendered text ------------------------------
+
+
+@pytest.mark.parametrize("template", ["llama2", "koala", "vicuna", "alpaca"])
+def test_llama_hub_tokenizer_gives_sentencepiece_ids(llama_src: Path, tmp_path: Path, template: str):
+    """A Llama-2 hub folder (tokenizer.model, Llama-2's published tokenizer_config: legacy false) prepared
+    and reloaded gives the ids Meta's code gives: each piece between <s>/</s> encoded by sentencepiece
+    on its own (llama/generation.py chat_completion encodes every exchange separately), so the piece
+    after a special token starts with "▁" ("<s>", "▁[" ...)."""
+    import llama_spm
+    from transformers import AutoTokenizer
+
+    from chatkit.conversation import Message
+
+    if not llama_spm.ALPACA_FILE.is_file():
+        pytest.skip(f"{llama_spm.ALPACA_FILE} not found")
+    src = tmp_path / "src"
+    shutil.copytree(llama_src, src)
+    for f in ("tokenizer_config.json", "tokenizer.model"):
+        (src / f).unlink()
+    llama_spm.write_hub_tokenizer(src)
+    out = tmp_path / "out"
+    prepare_base("open_llama_3b", out=out, source=src)
+    tok = AutoTokenizer.from_pretrained(out)
+    sp = llama_spm.processor()
+    tpl = get_template(template)
+    rows = llama_spm.alpaca_rows()[:40]
+    convs = [[Message("user", r["instruction"]), Message("assistant", r["output"])] for r in rows]
+    convs.append(
+        [m for t in llama_spm.WHITESPACE_TEXTS for m in (Message("user", t), Message("assistant", t))]
+    )
+    for msgs in convs:
+        for gen in (False, True):
+            text = tpl.render(msgs if not gen else msgs[:-1], "</s>", "<s>", add_generation_prompt=gen)
+            assert tok(text, add_special_tokens=False).input_ids == llama_spm.sp_encode_pieces(sp, text)
+    assert tok.pad_token == "<unk>"

@@ -209,6 +209,111 @@ def test_registry_sizes():
     assert spec_for_path("somewhere/else/model") is None
 
 
+def test_a_global_batch_other_than_the_recipes_is_warned_of(capsys, monkeypatch):
+    """koala on 1 GPU once trained on 16 rows a step instead of 128, at the learning rate chosen for 128,
+    and the plan said nothing."""
+    _, plan, _ = _dry_run(capsys, monkeypatch, "koala", "--num-gpus", "1")
+    assert "global batch: 4 micro x 1 DP x 4 accumulation = 16 rows of 2048, not the recipe's 128" in plan
+    assert (
+        "warning: global batch 16 rows, not the 128 this recipe was made for (intended_batch), with the "
+        "learning_rate (2e-05) chosen for 128: gradient_accumulation_steps=32 keeps it, or scale learning_rate"
+    ) in plan
+    _, plan, _ = _dry_run(capsys, monkeypatch, "koala", "--num-gpus", "1", "gradient_accumulation_steps=32")
+    assert (
+        "= 128 rows of 2048, as the recipe's 128 (intended_batch)" in plan and "warning: global" not in plan
+    )
+    _, plan, _ = _dry_run(capsys, monkeypatch, "koala", "--num-gpus", "8")
+    assert "as the recipe's 128" in plan and "warning: global" not in plan
+    _, plan, _ = _dry_run(capsys, monkeypatch, "koala", "--num-gpus", "3", "micro_batch_size=5")
+    assert "so that micro x 3 DP x accumulation = 128" in plan
+    # Every original recipe states its batch, on the hardware its source names; the tiny variants do not.
+    for name in ORIGINALS:
+        cfg = load_config(f"{REPO}/config/{name}.yaml", check_files=False)
+        assert cfg.intended_batch or name == "tiny", name
+    cfg, plan, _ = _dry_run(capsys, monkeypatch, "koala", "--tiny", "--num-gpus", "0")
+    assert cfg["intended_batch"] == 0 and "warning: global" not in plan
+
+
+def test_a_memory_estimate_above_the_gpu_is_warned_of(capsys, monkeypatch):
+    """koala on 1 GPU: 194 GiB before activations, once printed without a word."""
+    from chatkit.plan import GIB, World, plan_lines
+
+    cfg = load_config(f"{REPO}/config/koala.yaml", check_files=False)
+    one_gpu = World(1, 1, 1, True)
+    plan = "\n".join(plan_lines(cfg, one_gpu, memory=(80 * GIB, "80.00 GiB, an A100's or H100's")))
+    assert "memory per GPU: 193.95 GiB" in plan
+    assert "warning: the memory per GPU estimated (193.95 GiB, before activations) exceeds 80.00 GiB" in plan
+    assert "offload to CPU memory" in plan and "shard the weights too" not in plan  # koala is ZeRO-3 already
+    assert "warning: the memory" not in "\n".join(plan_lines(cfg, one_gpu, memory=(200 * GIB, "200 GiB")))
+    # Planned for GPUs this machine lacks: an 80 GiB GPU is assumed, and said to be.
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    _, plan, _ = _dry_run(capsys, monkeypatch, "koala", "--num-gpus", "1")
+    assert "exceeds 80.00 GiB, an A100's or H100's (no GPU here to ask)" in plan
+    _, plan, _ = _dry_run(capsys, monkeypatch, "koala", "--num-gpus", "8")
+    assert "warning: the memory" not in plan  # 26 GiB a GPU with ZeRO-3 over 8
+
+
+def test_cpu_rank_plans_say_per_rank(capsys, monkeypatch):
+    _, plan, _ = _dry_run(capsys, monkeypatch, "demo", "--num-gpus", "0")
+    assert "memory per rank: " in plan and "per GPU" not in plan
+    _, plan, _ = _dry_run(capsys, monkeypatch, "demo-dpo", "--num-gpus", "0", "model=pretrained/tiny/model")
+    assert "memory per rank above includes it" in plan and "per GPU" not in plan
+    _, plan, _ = _dry_run(capsys, monkeypatch, "demo", "--num-gpus", "2")
+    assert "memory per GPU: " in plan and "per rank" not in plan
+
+
+def test_the_parameter_count_is_the_folders_when_it_is_here(capsys, monkeypatch, tmp_path: Path):
+    """It was the registry's estimate even with the weights at hand (963K for the tiny base, said 1.05M)."""
+    from transformers import AutoModelForCausalLM
+
+    from chatkit.pretrained import prepare_tiny
+
+    _, plan, _ = _dry_run(capsys, monkeypatch, "Pythia-Chat-Base-7B", "--num-gpus", "8")
+    assert "6.86B parameters (the registry's figure: the folder is not here)" in plan
+    monkeypatch.chdir(tmp_path)  # a checkout whose tiny base was built with another shape
+    prepare_tiny([], "pretrained/tiny/model", vocab_size=300, layers=2, hidden=48, heads=4)
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained("pretrained/tiny/model").parameters())
+    launch.main([f"{REPO}/config/tiny.yaml", "--num-gpus", "0", "--dry-run", "train_files=[x.jsonl]"])
+    plan = "\n".join(_section(capsys.readouterr().out, "plan"))
+    count = f"{n / 1e3:.2f}K"
+    assert (
+        f"model: tiny (gpt_neox), {count} parameters (counted in pretrained/tiny/model/model.safetensors)"
+        in plan
+    )
+    assert f"trainable: every weight, {count} parameters" in plan and f"x {count}, ZeRO-3" in plan
+    # A folder outside the registry: counted the same way, and so given a memory estimate.
+    launch.main(
+        [f"{REPO}/config/tiny.yaml", "--num-gpus", "0", "--dry-run", "model=pretrained/tiny/model/../model"]
+    )
+    plan = "\n".join(_section(capsys.readouterr().out, "plan"))
+    assert f"not in chatkit.models: {count} parameters, counted in " in plan and "memory per rank: " in plan
+
+
+@pytest.mark.parametrize("quantize", ["", "4bit"])
+def test_gradient_checkpointing_is_enabled_by_its_current_name(tmp_path: Path, quantize: str):
+    """transformers 5 deprecates `gradient_checkpointing_enable` (a FutureWarning in every rank of koala's
+    and llama2-koalpaca's runs, the latter through PEFT's k-bit preparation)."""
+    import warnings
+    from dataclasses import replace
+
+    import torch
+
+    from chatkit.pretrained import prepare_tiny
+    from chatkit.train.adapters import apply_adapters, load_base
+
+    prepare_tiny([], str(tmp_path / "base"), vocab_size=300, layers=1, hidden=32, heads=2, arch="llama")
+    cfg = load_config(f"{REPO}/config/llama2-koalpaca-qlora.yaml", check_files=False)
+    cfg = replace(cfg, model=str(tmp_path / "base"), quantize=quantize, gradient_checkpointing=True)
+    if not quantize:
+        cfg = replace(cfg, optim="adamw", deepspeed="zero3")
+    model = load_base(cfg, torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_adapters(model, cfg)
+    assert [str(w.message) for w in caught if "checkpointing_enable" in str(w.message)] == []
+    assert model.base_model.model.is_activation_checkpointing
+
+
 def test_tiny_llama_shares_the_tiny_tokenizer(tmp_path: Path):
     from transformers import AutoConfig, AutoTokenizer
 

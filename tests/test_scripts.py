@@ -135,7 +135,7 @@ def _dry_run(capsys, monkeypatch, *argv: str) -> str:
 def test_dry_run_forced_cpu(capsys, monkeypatch):
     cmd = _dry_run(capsys, monkeypatch, "--num-gpus", "0")
     assert cmd.startswith("DS_ACCELERATOR=cpu ")
-    assert "--num_gpus 2 " in cmd and "--master_port 29500 " in cmd
+    assert "--num_gpus 2 " in cmd and "--master_port " in cmd  # a free one: tests/test_launch.py
     # One thread per rank's share of the cores.
     assert f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)} " in cmd
 

@@ -693,3 +693,115 @@ def test_a_flood_of_hostile_requests_gets_no_5xx_and_health_keeps_answering(serv
     # And it still serves, correctly.
     r = client.chat.completions.create(model="tiny", messages=chat("hi"), max_tokens=2, temperature=0)
     assert r.choices and httpx.get(served.url + "/health").json()["waiting"] == 0
+
+
+# --- the model's name, and one set of defaults -----------------------------------------------------
+
+
+def test_a_request_for_another_model_gets_404_model_not_found(tiny_engine: ChatEngine):
+    """OpenAI's answer to an unknown model, on both routes; the served name and an omitted model work."""
+    from fastapi.testclient import TestClient
+
+    from chatkit.serve import ServerConfig, create_app
+
+    app = create_app(tiny_engine, ServerConfig("demo", GREEDY))
+    routes = [("/v1/chat/completions", {"messages": chat("hi")}), ("/v1/completions", {"prompt": "hi"})]
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for path, body in routes:
+            for model in ("hf", "gpt-4o", ""):
+                r = c.post(path, json=body | {"model": model, "max_tokens": 1})
+                assert r.status_code == 404, (path, model, r.text)
+                assert r.json()["error"] | {"message": ""} == {
+                    "message": "", "type": "invalid_request_error", "param": "model", "code": "model_not_found",
+                }  # fmt: skip
+                assert "'demo'" in r.json()["error"]["message"]
+            for named in ({"model": "demo"}, {}):
+                r = c.post(path, json=body | named | {"max_tokens": 1})
+                assert r.status_code == 200 and r.json()["model"] == "demo", r.text
+
+
+def test_an_export_folder_is_served_by_the_name_of_its_run(tmp_path):
+    from chatkit.serve.cli import served_name
+
+    assert served_name("outputs/demo/hf") == "demo"
+    assert served_name(tmp_path / "outputs" / "koala" / "hf") == "koala"
+    assert served_name("pretrained/tiny/model") == "tiny"
+    assert served_name(tmp_path / "my-chat-model") == "my-chat-model"
+
+
+class RecordingEngine:
+    """The tiny engine, keeping the parameters of every generation it starts."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine, self.params = engine, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def stream(self, messages, params, *args, **kwargs):
+        self.params.append(params)
+        return self.engine.stream(messages, params, *args, **kwargs)
+
+    def complete(self, prompt, params, *args, **kwargs):
+        self.params.append(params)
+        return self.engine.complete(prompt, params, *args, **kwargs)
+
+
+def test_bot_server_and_page_share_one_set_of_generation_defaults(tiny_engine: ChatEngine):
+    """GenerationParams' defaults are the bot's flags, the server's flags, what both API routes use
+    when a request leaves a field out, and what /health tells the page (which sends only set fields)."""
+    from fastapi.testclient import TestClient
+
+    from chatkit.bot import build_parser, params_from_args
+    from chatkit.serve import ServerConfig, create_app
+    from chatkit.serve.cli import _parser
+
+    d = GenerationParams()
+    for parser in (build_parser(), _parser()):
+        assert params_from_args(parser.parse_args(["--model", "m"])) == d
+    engine = RecordingEngine(tiny_engine)
+    app = create_app(engine, ServerConfig("tiny", d))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        assert c.get("/health").json()["defaults"] == {
+            "max_tokens": d.max_new_tokens, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+        }  # fmt: skip
+        assert c.post("/v1/chat/completions", json={"messages": chat("hi"), "seed": 0}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "hi", "seed": 0}).status_code == 200
+    assert engine.params == [d, d]
+    temperature_field = app.state.chatkit.page.split('id="temperature"')[1].split(">")[0]
+    assert "value=" not in temperature_field  # nothing of its own: the server's default applies
+
+
+def test_the_readme_serving_examples_answer_as_printed():
+    """The README's curl bodies and its `openai` snippet's request, on the demo model served under
+    the name its folder gives it, answer what the README says they do."""
+    import re
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from chatkit.serve import ServerConfig, create_app
+    from chatkit.serve.cli import served_name
+
+    repo = Path(__file__).resolve().parents[1]
+    demo = repo / "outputs" / "demo" / "hf"
+    if not (demo / "config.json").is_file():
+        pytest.skip(f"{demo} not found: `make demo` makes it")
+    text = (repo / "README.md").read_text()
+    serving = text[text.index("### Serving: a web chat") : text.index("\n## Retrieval")]
+    chat_body, completion_body = (json.loads(b) for b in re.findall(r"-d '(\{.*\})'", serving))
+    snippet = re.search(r"model=\"(\w+)\", stream=True, messages=(\[.*\])\n", serving)
+    engine = ChatEngine.from_pretrained(demo, device="cpu")
+    app = create_app(engine, ServerConfig(served_name("outputs/demo/hf"), GenerationParams()))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        r = c.post("/v1/chat/completions", json=chat_body)
+        assert r.json()["choices"][0]["message"]["content"] == "5" and '`"content": "5"`' in serving
+        events = c.post("/v1/completions", json=completion_body).text.split("\n\n")
+        chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        assert "".join(x["choices"][0]["text"] for x in chunks) == " 5" and events[-2] == "data: [DONE]"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        for seed in range(5):  # the snippet samples (the defaults): the demo model is sure of its answer
+            body = {"model": snippet[1], "messages": json.loads(snippet[2]), "seed": seed}
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.json()["choices"][0]["message"]["content"] == "paper music tiger", r.text
+    assert "(this prints `paper music tiger`)" in serving

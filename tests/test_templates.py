@@ -29,26 +29,26 @@ def S(text: str) -> Message:
 
 def test_openchatkit_single_turn():
     text = OCK.render([U("Hello"), A("Hi there!")], EOS)
-    assert text == "<human>: Hello\n<bot>: Hi there!<|endoftext|>\n"
+    # the final reply ends with the (trained) eos and nothing after it
+    assert text == "<human>: Hello\n<bot>: Hi there!<|endoftext|>"
 
 
 def test_openchatkit_multi_turn():
     text = OCK.render([U("Hello"), A("Hi there!"), U("How are you?"), A("Fine.")], EOS)
-    assert text == (
-        "<human>: Hello\n<bot>: Hi there!<|endoftext|>\n<human>: How are you?\n<bot>: Fine.<|endoftext|>\n"
-    )
+    # a past reply is followed by "\n" only, as in OIG and OpenChatKit's prompt
+    assert text == "<human>: Hello\n<bot>: Hi there!\n<human>: How are you?\n<bot>: Fine.<|endoftext|>"
 
 
 def test_openchatkit_with_system_message():
     text = OCK.render([S("You are a helpful bot."), U("Hello"), A("Hi.")], EOS)
-    assert text == "You are a helpful bot.\n<human>: Hello\n<bot>: Hi.<|endoftext|>\n"
+    assert text == "You are a helpful bot.\n<human>: Hello\n<bot>: Hi.<|endoftext|>"
 
 
 def test_openchatkit_generation_prompt():
     text = OCK.render([U("Hello")], EOS, add_generation_prompt=True)
     assert text == "<human>: Hello\n<bot>:"
     text = OCK.render([U("Hello"), A("Hi."), U("Again")], EOS, add_generation_prompt=True)
-    assert text == "<human>: Hello\n<bot>: Hi.<|endoftext|>\n<human>: Again\n<bot>:"
+    assert text == "<human>: Hello\n<bot>: Hi.\n<human>: Again\n<bot>:"
     assert text.endswith("<bot>:")
     # without the flag there is no trailing prompt
     assert not OCK.render([U("Hello")], EOS).endswith("<bot>:")
@@ -57,7 +57,7 @@ def test_openchatkit_generation_prompt():
 def test_placeholders_in_content_are_not_substituted():
     msgs = [S("sys {eos}"), U("use {content} and {eos} and {bos}"), A("{bos}{content}{eos}")]
     text = OCK.render(msgs, "<E>", "<B>")
-    assert text == "sys {eos}\n<human>: use {content} and {eos} and {bos}\n<bot>: {bos}{content}{eos}<E>\n"
+    assert text == "sys {eos}\n<human>: use {content} and {eos} and {bos}\n<bot>: {bos}{content}{eos}<E>"
 
 
 def test_openchatkit_segments_and_flags():
@@ -66,12 +66,11 @@ def test_openchatkit_segments_and_flags():
         Segment("sys\n", False),
         Segment("<human>: q\n", True),
         Segment("<bot>:", False),
-        Segment(" a<|endoftext|>", True),
+        Segment(" a", True),
         Segment("\n", False),
         Segment("<human>: r\n", False),
         Segment("<bot>:", False),
         Segment(" b<|endoftext|>", False),
-        Segment("\n", False),
     ]
     gen = OCK.segments([U("q")], EOS, add_generation_prompt=True)
     assert gen == [Segment("<human>: q\n", False), Segment("<bot>:", False)]

@@ -3,7 +3,10 @@ Jinja template generated from the same definition, and token by token against ha
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from tokenizers import Regex, Tokenizer, pre_tokenizers
@@ -55,9 +58,7 @@ PREAMBLE = "Below is an instruction that describes a task. Write a response that
 
 def test_alpaca_single_turn():
     text = ALPACA.render([U("What is an alpaca?"), A("An animal.")], "</s>", "<s>")
-    assert text == (
-        f"<s>{PREAMBLE}\n\n### Instruction:\nWhat is an alpaca?\n\n### Response: An animal.</s>\n\n"
-    )
+    assert text == (f"<s>{PREAMBLE}\n\n### Instruction:\nWhat is an alpaca?\n\n### Response: An animal.</s>")
 
 
 def test_alpaca_prompt_is_openalpacas_prompt_no_input():
@@ -74,7 +75,7 @@ def test_alpaca_input_variant_is_openalpacas_prompt_input():
     assert msgs[1].content == "Summarize the text.\n\n### Input:\nAlpacas are camelids."
     # the reply follows after the space SentencePiece gave it (prompt and reply encoded separately)
     full = ALPACA.render(msgs, "</s>", "<s>")
-    assert full == prompt + " They are camelids.</s>\n\n"
+    assert full == prompt + " They are camelids.</s>"
 
 
 def test_alpaca_rows_from_shared_data_render_as_openalpaca(shared_data):
@@ -87,7 +88,7 @@ def test_alpaca_rows_from_shared_data_render_as_openalpaca(shared_data):
         key = "prompt_input" if row["input"] else "prompt_no_input"
         n_input += bool(row["input"])
         msgs = alpaca_messages(row["instruction"], row["input"], row["output"])
-        expected = "<s>" + OPENALPACA_PROMPT_DICT[key].format_map(row) + " " + row["output"] + "</s>\n\n"
+        expected = "<s>" + OPENALPACA_PROMPT_DICT[key].format_map(row) + " " + row["output"] + "</s>"
         assert ALPACA.render(msgs, "</s>", "<s>") == expected
     assert n_input > 50  # both variants were exercised
 
@@ -96,13 +97,13 @@ def test_alpaca_multi_turn():
     text = ALPACA.render([U("hi"), A("hello"), U("how are you"), A("fine")], "</s>", "<s>")
     assert text == (
         f"<s>{PREAMBLE}\n\n### Instruction:\nhi\n\n### Response: hello</s>\n\n"
-        "### Instruction:\nhow are you\n\n### Response: fine</s>\n\n"
+        "### Instruction:\nhow are you\n\n### Response: fine</s>"
     )
 
 
 def test_alpaca_with_system_replaces_preamble():
     text = ALPACA.render([S("Be terse."), U("hi"), A("hello")], "</s>", "<s>")
-    assert text == "<s>Be terse.\n\n### Instruction:\nhi\n\n### Response: hello</s>\n\n"
+    assert text == "<s>Be terse.\n\n### Instruction:\nhi\n\n### Response: hello</s>"
 
 
 # --- koala: young-geng/EasyLM docs/koala.md + EasyLM/serving.py process_chat ---------------------
@@ -702,3 +703,134 @@ def test_registry_unchanged_by_hf(monkeypatch):
     assert list_templates()[-1] == "zz-test" and "hf" in list_templates()
     with pytest.raises(KeyError, match="hf"):
         get_template("nope")
+
+
+# --- openchatkit: togethercomputer/OpenChatKit inference/conversation.py (commit 277623eb) ----------
+
+
+class OpenChatKitConversation:
+    """OpenChatKit's Conversation (inference/conversation.py), without its date/time pre-prompt:
+    push_human_turn (lines 30-32) appends "<human>: {query}\\n<bot>:"; push_model_response (lines 34-42)
+    cuts the generated text at "<human>:", removes "<|endoftext|>" and newlines around it
+    (clean_response, lines 11-15) and appends "{bot_turn}\\n": past replies carry no eos."""
+
+    def __init__(self) -> None:
+        self.prompt = ""
+
+    def push_human_turn(self, query: str) -> None:
+        self.prompt += f"<human>: {query}\n"
+        self.prompt += "<bot>:"
+
+    def push_model_response(self, response: str) -> None:
+        bot_turn = response.split("<human>:")[0]
+        for word in ("<pad>", "</s>", "<|endoftext|>"):
+            bot_turn = bot_turn.replace(word, "")
+        self.prompt += f"{bot_turn.strip(chr(10))}\n"
+
+
+OCK = get_template("openchatkit")
+
+
+@pytest.mark.parametrize("system", [None, "You are a helpful bot."], ids=["no-system", "system"])
+def test_openchatkit_history_matches_openchatkit_conversation(system):
+    turns = [("Hello", "Hi there!"), ("How are you?", "Fine.\nThanks."), ("Bye", None)]
+    conv = OpenChatKitConversation()
+    msgs = [S(system)] if system else []
+    if system:  # free text before the first turn, as OpenChatKit's PRE_PROMPT header (lines 5-9)
+        conv.prompt += system + "\n"
+    for query, reply in turns:
+        conv.push_human_turn(query)
+        msgs.append(U(query))
+        if reply is not None:
+            # the model's generated text: the reply after the space the prompt leaves, then its eos
+            conv.push_model_response(" " + reply + "<|endoftext|>")
+            msgs.append(A(reply))
+    prompt = OCK.render(msgs, "<|endoftext|>", "<|endoftext|>", add_generation_prompt=True)
+    assert prompt == conv.prompt
+    assert "<|endoftext|>" not in prompt
+
+
+def test_openchatkit_training_row_is_oig_text_with_a_final_eos():
+    # OIG's texts ("<human>: ...\n<bot>: ...\n<human>: ...") as one training document, whose end is
+    # the eos the packed documents are separated by: the only stop token trained
+    msgs = [U("q1"), A("a1"), U("q2"), A("a2")]
+    segs = OCK.segments(msgs, "<|endoftext|>")
+    assert "".join(s.text for s in segs) == "<human>: q1\n<bot>: a1\n<human>: q2\n<bot>: a2<|endoftext|>"
+    assert [s.text for s in segs if s.trained] == [" a1", " a2<|endoftext|>"]
+
+
+def test_openchatkit_final_eos_token_is_trained_and_last(neox_tokenizer):
+    enc = encode_conversation(neox_tokenizer, OCK, [U("q1"), A("a1"), U("q2"), A("a2")])
+    eos = neox_tokenizer.eos_token_id
+    assert enc.input_ids.count(eos) == 1 and enc.input_ids[-1] == eos and enc.labels[-1] == eos
+
+
+# --- alpaca: yxuansu/OpenAlpaca datasets/sft_dataset.py (commit 193e0fa4) -------------------------
+
+
+def test_alpaca_row_ends_with_eos_as_openalpaca_preprocess(shared_data):
+    # preprocess (lines 36-56): inpt = [1] + s_tokens + t_tokens + [2] (line 51): nothing after eos
+    rows = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:50]
+    for row in rows:
+        msgs = alpaca_messages(row["instruction"], row["input"], row["output"])
+        segs = ALPACA.segments(msgs, "</s>", "<s>")
+        assert segs[-1] == Segment(" " + row["output"] + "</s>", True)
+    # multi-turn (chatkit's extension): the blank line only between turns
+    text = ALPACA.render([U("a"), A("b"), U("c"), A("d")], "</s>", "<s>")
+    assert text.endswith("### Response: b</s>\n\n### Instruction:\nc\n\n### Response: d</s>")
+
+
+# --- the exported generation region marks exactly the trained tokens ----------------------------
+
+# replies whose first token is the head's space on its own or merged with it: a digit (Llama splits
+# digits, so "▁" stands alone), a newline, a space, and a plain word; ends that merge with what follows
+EDGE_REPLIES = [
+    "42 is the answer.",
+    "\nstarts on a new line",
+    " starts with a space",
+    "plain words.",
+    "ends.\n",
+]
+
+
+@functools.cache
+def _llama_tokenizer_json() -> str:
+    import llama_spm
+
+    from chatkit.convert.meta_llama import build_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_tokenizer(llama_spm.write_meta_tokenizer(Path(tmp)), 4096)
+    return tok.backend_tokenizer.to_str()
+
+
+def llama_tokenizer() -> PreTrainedTokenizerFast:
+    """The Meta converter's tokenizer for the LLaMA-style sentencepiece model of tests/llama_spm.py."""
+    if not (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_demo.json").is_file():
+        pytest.skip("../shared/data/alpaca_en_demo.json not found")
+    backend = Tokenizer.from_str(_llama_tokenizer_json())
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("name", ["openchatkit", *NAMED])
+@pytest.mark.parametrize("tokenizer", ["neox", "llama"])
+def test_generation_mask_equals_labels_on_edge_replies(request, name, tokenizer):
+    tok = request.getfixturevalue("neox_tokenizer") if tokenizer == "neox" else llama_tokenizer()
+    template = get_template(name)
+    tok.add_special_tokens({"additional_special_tokens": list(template.special_tokens)})
+    tok.chat_template = template.chat_template
+    convs = [[U("question"), A(reply)] for reply in EDGE_REPLIES]
+    convs.append([S("Be brief."), *(m for r in EDGE_REPLIES for m in (U(f"q {r[:3]}"), A(r)))])
+    for msgs in convs:
+        out = tok.apply_chat_template(_dicts(msgs), return_dict=True, return_assistant_tokens_mask=True)
+        enc = encode_conversation(tok, template, msgs)
+        assert out["input_ids"] == enc.input_ids
+        ours = [int(label != IGNORE_INDEX) for label in enc.labels]
+        assert list(out["assistant_masks"]) == ours, (name, msgs)
+        # every reply token is trained, the reply's leading space (or its merged first word) included
+        trained = tok.decode([t for t in enc.labels if t != IGNORE_INDEX])
+        for m in msgs:
+            if m.role == "assistant":
+                assert (m.content.strip() if template.strip_content else m.content).strip() in trained

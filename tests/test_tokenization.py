@@ -33,38 +33,36 @@ TWO_TURNS = [
 
 def test_encode_two_turn_conversation_literal(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
-    # "<human>: hi there\n" "<bot>:" " hello<eos>" "\n" "<human>: how are you\n" "<bot>:" " fine thanks<eos>" "\n"
-    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1, 5]
-    assert enc.labels == [X, X, X, X, X, 8, 1, X, X, X, X, X, X, X, 12, 13, 1, X]
-    assert enc.num_trained == 5
+    # "<human>: hi there\n" "<bot>:" " hello" "\n" "<human>: how are you\n" "<bot>:" " fine thanks<eos>"
+    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1]
+    assert enc.labels == [X, X, X, X, X, 8, X, X, X, X, X, X, X, 12, 13, 1]
+    assert enc.num_trained == 4
 
 
 def test_encode_with_system_literal(wordlevel_tokenizer):
     msgs = [Message("system", "be brief"), *TWO_TURNS[:2]]
     enc = encode_conversation(wordlevel_tokenizer, OCK, msgs)
-    assert enc.input_ids == [14, 15, 5, 3, 6, 7, 5, 4, 8, 1, 5]
-    assert enc.labels == [X, X, X, X, X, X, X, X, 8, 1, X]
+    assert enc.input_ids == [14, 15, 5, 3, 6, 7, 5, 4, 8, 1]
+    assert enc.labels == [X, X, X, X, X, X, X, X, 8, 1]
     assert enc.num_trained == 2
 
 
-def test_eos_trained_at_end_of_each_assistant_turn_and_separator_not(wordlevel_tokenizer):
+def test_eos_trained_after_the_final_reply_only_and_separator_not(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
     eos_id = wordlevel_tokenizer.eos_token_id
+    # openchatkit: past replies end with "\n" as in OIG; the conversation's final reply with the eos
     eos_positions = [i for i, t in enumerate(enc.input_ids) if t == eos_id]
-    assert eos_positions == [6, 16]  # one per assistant turn
-    for i in eos_positions:
-        assert enc.labels[i] == eos_id
-        # the "\n" separator that follows the stop is never trained
-        assert enc.input_ids[i + 1] == 5
-        assert enc.labels[i + 1] == IGNORE_INDEX
-    assert [i for i, lab in enumerate(enc.labels) if lab == eos_id] == eos_positions
+    assert eos_positions == [len(enc.input_ids) - 1]
+    assert enc.labels[-1] == eos_id
+    # the "\n" separator after the past reply is not trained
+    assert enc.input_ids[5:7] == [8, 5] and enc.labels[5:7] == [8, IGNORE_INDEX]
 
 
 def test_train_overrides(wordlevel_tokenizer):
     msgs = [Message("user", "hi", train=True), Message("assistant", "hello", train=False)]
     enc = encode_conversation(wordlevel_tokenizer, OCK, msgs)
-    assert enc.input_ids == [3, 6, 5, 4, 8, 1, 5]
-    assert enc.labels == [3, 6, 5, X, X, X, X]
+    assert enc.input_ids == [3, 6, 5, 4, 8, 1]
+    assert enc.labels == [3, 6, 5, X, X, X]
     assert enc.num_trained == 3
 
 
@@ -81,7 +79,7 @@ def test_encode_prompt_literal_and_matches_conversation(wordlevel_tokenizer):
     assert encode_prompt(tok, OCK, [Message("user", "hi there")]) == [3, 6, 7, 5, 4]
     history = TWO_TURNS[:3]
     prompt = encode_prompt(tok, OCK, history)
-    assert prompt == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4]
+    assert prompt == [3, 6, 7, 5, 4, 8, 5, 3, 9, 10, 11, 5, 4]
     assert prompt[-1:] == [4]  # ids of "<bot>:"
     assert prompt == encode_conversation(tok, OCK, history).input_ids + [4]
     # also after a finished assistant turn
@@ -102,6 +100,15 @@ def test_encode_segments(wordlevel_tokenizer):
     )
     assert enc.input_ids == [6, 7, 5, 8, 1]
     assert enc.labels == [X, X, X, 8, 1]
+
+
+def test_token_overlapping_a_trained_segment_is_trained(neox_tokenizer):
+    # "ĊĊ" straddles the end of the trained reply and the untrained separator; "Ġ" + "42": the head's
+    # space alone; transformers' assistant mask marks every token overlapping the generation region
+    segs = [Segment(":", False), Segment(" 42\n", True), Segment("\n", False)]
+    enc = encode_segments(neox_tokenizer, segs)
+    assert neox_tokenizer.convert_ids_to_tokens(enc.input_ids) == [":", "Ġ42", "ĊĊ"]
+    assert enc.labels == [X, *enc.input_ids[1:]]
 
 
 def test_special_tokens(wordlevel_tokenizer, make_wordlevel_tokenizer):
@@ -151,8 +158,8 @@ def test_segmentwise_tokens_equal_whole_string_tokens_alpaca(neox_tokenizer, sha
         enc = encode_conversation(tok, OCK, msgs)
         whole = tok.encode(OCK.render(msgs, eos, bos), add_special_tokens=False)
         assert enc.input_ids == whole
-        n_assistant = sum(m.role == "assistant" for m in msgs)
-        assert enc.labels.count(tok.eos_token_id) == n_assistant
+        # the final reply's eos, the only one (past replies end with "\n", as in OIG)
+        assert enc.labels.count(tok.eos_token_id) == 1 and enc.labels[-1] == tok.eos_token_id
         total_trained += enc.num_trained
         # the inference prompt for the history before the last reply
         history = msgs[:-1]
@@ -165,9 +172,9 @@ def test_segmentwise_tokens_equal_whole_string_tokens_alpaca(neox_tokenizer, sha
 
 def test_neox_known_ids(neox_tokenizer):
     enc = encode_conversation(neox_tokenizer, OCK, [Message("user", "hi"), Message("assistant", "yo")])
-    # <, human, >:, Ġhi, Ċ | <, bot, >: | Ġyo, <|endoftext|> | Ċ
-    assert enc.input_ids == [29, 13961, 32056, 14260, 187, 29, 12042, 32056, 26352, 0, 187]
-    assert enc.labels == [X, X, X, X, X, X, X, X, 26352, 0, X]
+    # <, human, >:, Ġhi, Ċ | <, bot, >: | Ġyo, <|endoftext|>
+    assert enc.input_ids == [29, 13961, 32056, 14260, 187, 29, 12042, 32056, 26352, 0]
+    assert enc.labels == [X, X, X, X, X, X, X, X, 26352, 0]
 
 
 @pytest.mark.parametrize(

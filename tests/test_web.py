@@ -123,6 +123,16 @@ def test_page_chats_regenerates_stops_and_resets(served, browser, tiny_engine: C
     assert len(bubbles(browser)) == 2
 
 
+def test_page_shows_the_model_and_the_server_defaults_before_any_key(served, browser):
+    """The served fixture requires an API key: the name and the defaults come from the open /health.
+    Its defaults are greedy (--no-sample: temperature 0) and 8 tokens; empty fields send nothing."""
+    browser.get(served.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+    temperature, max_tokens = (browser.find_element(By.ID, f) for f in ("temperature", "maxtokens"))
+    assert temperature.get_attribute("value") == "" and temperature.get_attribute("placeholder") == "0"
+    assert max_tokens.get_attribute("value") == "" and max_tokens.get_attribute("placeholder") == str(N)
+
+
 def test_page_leaves_out_the_oldest_turns_when_the_chat_outgrows_the_context(
     served, browser, tiny_engine: ChatEngine
 ):

@@ -313,3 +313,74 @@ def test_memory_stays_at_a_few_tensors(tmp_path):
     grew_mb = float(r.stdout.split()[-1])
     print(f"peak RSS grew {grew_mb:.0f} MB")
     assert grew_mb < 48
+
+
+def _hard_fp32_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A base and an fp32 target whose diff needs fix-ups (every element moved by about its own size)."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(64, 32, generator=g) * 0.02
+    t = (b.double() + torch.randn(64, 32, generator=g, dtype=torch.float64) * 0.02).float()
+    return _raw_folder(tmp_path / "b", {"w": b}), _raw_folder(tmp_path / "t", {"w": t})
+
+
+def test_cli_prints_each_message_once(tmp_path, capfd, monkeypatch):
+    """One line per result (the tool's), not the tool's and the library's log line too."""
+    import runpy
+
+    from loguru import logger
+
+    main = runpy.run_path(str(REPO / "tools" / "diff_checkpoint.py"), run_name="tools.diff_checkpoint")[
+        "main"
+    ]
+    base, target = _hard_fp32_pair(tmp_path)
+
+    def output(*args: str) -> str:
+        """Everything the tool shows: stdout, stderr and loguru's messages (whatever sink it has)."""
+        capfd.readouterr()
+        logged: list[str] = []
+        sink = logger.add(logged.append, level="DEBUG", format="{message}")
+        monkeypatch.setattr(sys, "argv", ["diff_checkpoint.py", *args, "--no-progress"])
+        try:
+            main()
+        finally:
+            logger.remove(sink)
+        return "".join(capfd.readouterr()) + "".join(logged)
+
+    text = output("--make-diff", "--base", str(base), "--target", str(target), "--out", str(tmp_path / "d"))
+    assert text.count("fix-ups") == 1 and text.count("\n") == 1, text
+    text = output(
+        "--recover", "--base", str(base), "--diff", str(tmp_path / "d"), "--out", str(tmp_path / "r")
+    )
+    assert text.startswith(f"recovered {tmp_path / 'r'}") and text.count("\n") == 1, text
+
+
+def test_fixups_size_is_reported(tmp_path, capfd):
+    """The fix-up file of an fp32 target can be a large share of the model: its size is in the report
+    and in the tool's line, next to the target's."""
+    base, target = _hard_fp32_pair(tmp_path)
+    rep = make_diff(base, target, tmp_path / "d")
+    size = (tmp_path / "d" / FIXUPS_FILE).stat().st_size
+    assert rep.fixups_bytes == size and rep.target_bytes == 64 * 32 * 4
+    assert size > 0.3 * rep.target_bytes  # 12 bytes (int64 index, fp32 value) an element fixed
+    import runpy
+
+    main = runpy.run_path(str(REPO / "tools" / "diff_checkpoint.py"), run_name="tools.diff_checkpoint")[
+        "main"
+    ]
+    capfd.readouterr()
+    main(
+        [
+            "--make-diff",
+            "--base",
+            str(base),
+            "--target",
+            str(target),
+            "--out",
+            str(tmp_path / "d"),
+            "--no-progress",
+        ]
+    )
+    out = capfd.readouterr().out
+    assert (
+        f"{FIXUPS_FILE}: {size / 1e3:.1f} kB, {size / rep.target_bytes:.0%} of the target's weights" in out
+    ), out

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from chatkit.convert.weights import (
+    DEFAULT_MAX_SHARD_SIZE,
     TensorRef,
     WeightsError,
     hf_refs,
@@ -126,3 +130,70 @@ def test_pytorch_bin_folders_are_read_with_weights_only(tmp_path):
     torch.save({"w": state["w"], "code": print}, tmp_path / "pytorch_model.bin")  # a pickled function
     with pytest.raises(Exception, match="weights_only|Unsupported|global"):
         hf_refs(tmp_path)
+
+
+# --- tools/make_shards.py --------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str) -> dict:
+    """tools/<name>.py's globals, loaded without running it (its main takes an argv)."""
+    return runpy.run_path(str(REPO / "tools" / f"{name}.py"), run_name=f"tools.{name}")
+
+
+def _model_folder(folder: Path) -> Path:
+    write_weights(folder, _refs(_state()))
+    (folder / "config.json").write_text('{"model_type": "gpt_neox"}')
+    return folder
+
+
+def _shards(*args) -> str | int | None:
+    with pytest.raises(SystemExit) as e:
+        _tool("make_shards")["main"]([str(a) for a in args])
+    return e.value.code
+
+
+def test_make_shards_refuses_an_unrelated_out_unless_overwrite(tmp_path, capsys):
+    main = _tool("make_shards")["main"]
+    src = _model_folder(tmp_path / "src")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = _shards("--input", src, "--out", out)
+    assert code == (
+        f"error: --out {out} is not empty and not an earlier make_shards output: refusing to replace it; "
+        "give --overwrite to replace it, or choose another folder"
+    )
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "model.safetensors").exists()
+    main(["--input", str(src), "--out", str(out), "--overwrite"])
+    assert not (out / "notes.txt").exists() and weights_sha256(hf_refs(out)) == weights_sha256(hf_refs(src))
+    main(["--input", str(src), "--out", str(out), "--max-shard-size", "100"])  # its own output: replaced
+    assert (out / "model.safetensors.index.json").is_file()
+    (empty := tmp_path / "empty").mkdir()
+    main(["--input", str(src), "--out", str(empty)])  # an empty folder holds nothing to lose
+    assert (empty / "model.safetensors").is_file()
+    (afile := tmp_path / "afile").write_text("x")
+    assert "exists and is not a folder" in _shards("--input", src, "--out", afile, "--overwrite")
+    assert afile.read_text() == "x"
+
+
+def test_make_shards_names_a_missing_input_folder(tmp_path):
+    missing = tmp_path / "nope"
+    assert _shards("--input", missing, "--out", tmp_path / "o") == f"error: --input {missing}: no such folder"
+    (afile := tmp_path / "model.safetensors").write_text("x")
+    assert _shards("--input", afile, "--out", tmp_path / "o") == f"error: --input {afile}: not a folder"
+    assert not (tmp_path / "o").exists()
+
+
+def test_shard_size_defaults_agree():
+    """make_shards, diff_checkpoint and the library write 5GB shards unless told otherwise, as every
+    tool with a --max-shard-size does."""
+    assert DEFAULT_MAX_SHARD_SIZE == "5GB"
+    for tool in ("make_shards", "diff_checkpoint"):
+        assert _tool(tool)["_parser"]().get_default("max_shard_size") == DEFAULT_MAX_SHARD_SIZE, tool
+    sources = [*(REPO / "tools").glob("*.py"), *(REPO / "chatkit").rglob("*.py")]
+    flag = re.compile(r'"--max-shard-size".{0,120}?default=([^,)\s]+)', re.S)  # a command line's
+    argument = re.compile(r"max_shard_size: [^=\n]*= ([^,)\s]+)")  # a function's
+    defaults = [(p.name, m) for p in sources for rx in (flag, argument) for m in rx.findall(p.read_text())]
+    assert len(defaults) >= 10 and {m for _, m in defaults} <= {'"5GB"', "DEFAULT_MAX_SHARD_SIZE"}, defaults

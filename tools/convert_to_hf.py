@@ -11,6 +11,8 @@ tools/convert_to_hf_llama.py are the same tool that also checks the architecture
 """
 
 from chatkit.convert.hf import convert_main
+from chatkit.train.distributed import quiet_deepspeed
 
 if __name__ == "__main__":
+    quiet_deepspeed()  # DeepSpeed reads the checkpoints; its accelerator probe is not this tool's to print
     convert_main(None, None, __doc__)

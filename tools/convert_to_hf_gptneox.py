@@ -9,6 +9,8 @@ tools/convert_to_hf.py) and refuses a checkpoint that is not GPT-NeoX.
 """
 
 from chatkit.convert.hf import convert_main
+from chatkit.train.distributed import quiet_deepspeed
 
 if __name__ == "__main__":
+    quiet_deepspeed()  # DeepSpeed reads the checkpoints; its accelerator probe is not this tool's to print
     convert_main(None, "gpt_neox", __doc__)

@@ -8,6 +8,8 @@ too. Same tool as tools/convert_to_hf.py, refusing a checkpoint that is not Llam
 """
 
 from chatkit.convert.hf import convert_main
+from chatkit.train.distributed import quiet_deepspeed
 
 if __name__ == "__main__":
+    quiet_deepspeed()  # DeepSpeed reads the checkpoints; its accelerator probe is not this tool's to print
     convert_main(None, "llama", __doc__)

@@ -13,9 +13,18 @@ is the more likely; last line: held-out preference accuracy: 0.80 (80/100).
 """
 
 import argparse
+import sys
 
-from chatkit.chat import ChatEngine
+from chatkit.chat import ChatEngine, describe_load_error
 from chatkit.evaluate import evaluate_exact_match, evaluate_preferences
+
+
+def load_engine(path: str, device: str) -> ChatEngine:
+    """The model's engine, or exit with the one line that says why it does not load."""
+    try:
+        return ChatEngine.from_pretrained(path, device=device)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(describe_load_error(path, e))
 
 
 def main() -> None:
@@ -34,9 +43,9 @@ def main() -> None:
     args = p.parse_args()
     if args.reference and not args.pairs:
         p.error("--reference needs --pairs")
-    engine = ChatEngine.from_pretrained(args.model, device=args.device)
+    engine = load_engine(args.model, args.device)
     if args.pairs:
-        reference = ChatEngine.from_pretrained(args.reference, device=args.device) if args.reference else None
+        reference = load_engine(args.reference, args.device) if args.reference else None
         res = evaluate_preferences(engine, args.pairs, reference, args.beta)
         kind = "reward" if reference else "preference"
         what = "reward margin" if reference else "log-probability gap"

@@ -9,11 +9,9 @@ with its id and a ✓ when it is trained.
 import argparse
 import sys
 
-from transformers import AutoTokenizer
-
-from chatkit.inspection import inspect_file
+from chatkit.conversation import ConversationError
+from chatkit.inspection import InspectionError, check_data, inspect_file, load_tokenizer, template_for
 from chatkit.io import read_meta
-from chatkit.templates import get_template
 
 
 def main() -> None:
@@ -27,21 +25,25 @@ def main() -> None:
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop")
     p.add_argument("--table", action="store_true", help="one line per token with id and label")
     args = p.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    name = args.template or read_meta(args.model).get("template", "openchatkit")
-    color = sys.stdout.isatty()
-    for line in inspect_file(
-        tokenizer,
-        get_template(name, tokenizer),
-        args.data,
-        args.n,
-        args.skip,
-        args.max_length,
-        args.overlong,
-        color,
-        args.table,
-    ):
-        print(line)
+    try:  # a missing or bad input is one line; a bad line of --data stops there, naming file:line: field
+        check_data(args.data)
+        tokenizer = load_tokenizer(args.model)
+        name = args.template or read_meta(args.model).get("template", "openchatkit")
+        color = sys.stdout.isatty()
+        for line in inspect_file(
+            tokenizer,
+            template_for(name, tokenizer),
+            args.data,
+            args.n,
+            args.skip,
+            args.max_length,
+            args.overlong,
+            color,
+            args.table,
+        ):
+            print(line, flush=True)
+    except (InspectionError, ConversationError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from chatkit.train.run import train
 
 # torch's gloo path warns on every collective DeepSpeed makes; the message is not actionable here.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+# PEFT's get_peft_model reads transformers' deprecated `is_gradient_checkpointing` on every LoRA run (chatkit
+# enables checkpointing by its new name, chatkit.train.adapters.enable_checkpointing): not the user's to act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def main() -> None:

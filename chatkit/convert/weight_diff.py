@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from loguru import logger
 
 from chatkit.convert.weights import (
     BIN_INDEX,
     CODE_DTYPES,
+    DEFAULT_MAX_SHARD_SIZE,
     DTYPE_CODES,
     SAFETENSORS_INDEX,
     TensorRef,
@@ -78,6 +78,11 @@ class DiffReport:
     fixup_elements: int
     fixups_per_tensor: dict[str, int] = field(default_factory=dict)
     weights_sha256: str = ""
+    fixups_bytes: int = 0
+    """Size of the diff's fix-ups file (0: none): 8 bytes of index and the target's element size for
+    each element fixed, so up to 3x the fixed share of an fp32 target's weights."""
+    target_bytes: int = 0
+    """Size of the target's weights (tensor data, as safetensors stores it)."""
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -190,10 +195,12 @@ def make_diff(
     base: str | Path,
     target: str | Path,
     out: str | Path,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = False,
 ) -> DiffReport:
-    """Write `out` = target - base (fp32) with fix-ups for exact recovery, diff_info.json and target files."""
+    """Write `out` = target - base (fp32) with fix-ups for exact recovery, diff_info.json and target files.
+
+    Prints nothing (the returned report says what was written); `progress` shows a progress bar."""
     base, target, out = Path(base), Path(target), Path(out)
     _check_folders({"BASE": base, "TARGET": target}, out)
     _check_out_replaceable(out, DIFF_INFO)
@@ -223,8 +230,14 @@ def make_diff(
             "tensors": tensors,
         }
         write_json(tmp / DIFF_INFO, info)
-    logger.info(f"diff {out}: {len(refs)} tensors, {info['fixup_elements']} element(s) needed fix-ups")
-    return DiffReport(out, len(refs), info["fixup_elements"], counts, target_sum)
+    sizes = _sizes(out, info, t_refs)
+    return DiffReport(out, len(refs), info["fixup_elements"], counts, target_sum, *sizes)
+
+
+def _sizes(diff: Path, info: dict, target_refs: Sequence[TensorRef]) -> tuple[int, int]:
+    """(bytes of the diff's fix-ups file, bytes of the target's weights)."""
+    fixups = diff / info["fixups_file"] if info.get("fixups_file") else None
+    return (fixups.stat().st_size if fixups else 0), sum(r.nbytes() for r in target_refs)
 
 
 def _gather_fixups(path: Path, spooled: dict[str, Path]) -> None:
@@ -339,10 +352,12 @@ def recover(
     base: str | Path,
     diff: str | Path,
     out: str | Path,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = False,
 ) -> DiffReport:
-    """Write `out` = base + diff, bit-exact, with checksum.sha256; published only if it matches the target."""
+    """Write `out` = base + diff, bit-exact, with checksum.sha256; published only if it matches the target.
+
+    Prints nothing (the returned report says what was written); `progress` shows a progress bar."""
     base, diff, out = Path(base), Path(diff), Path(out)
     _check_folders({"BASE": base, "DIFF": diff}, out)
     info = read_diff_info(diff)
@@ -363,9 +378,8 @@ def recover(
                 f"recovered weights checksum {digest} != target checksum {info['target_sha256']} "
                 f"from {diff / DIFF_INFO}; nothing written to {out}"
             )
-    logger.info(f"recovered {out}: {len(refs)} tensors, sha256 {digest} matches the target")
     counts = {n: e.get("fixups", 0) for n, e in info["tensors"].items()}
-    return DiffReport(out, len(refs), info["fixup_elements"], counts, digest)
+    return DiffReport(out, len(refs), info["fixup_elements"], counts, digest, *_sizes(diff, info, refs))
 
 
 # ---------------------------------------------------------------------------------------- verify

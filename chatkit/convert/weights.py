@@ -71,6 +71,10 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+"""The largest weights file every chatkit tool writes unless told otherwise (`--max-shard-size`)."""
+
+
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, 1000 -> 1000 (Hugging Face's `max_shard_size` units)."""
     if isinstance(size, int):
@@ -275,7 +279,7 @@ def plan_shards(refs: Sequence[TensorRef], max_bytes: int, dtype=None) -> list[l
 def write_weights(
     out_dir: str | Path,
     refs: Sequence[TensorRef],
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
     progress: bool = False,
     on_shard_done: Callable[[], None] | None = None,

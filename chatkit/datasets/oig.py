@@ -6,7 +6,9 @@ starting with `<human>:` or `<bot>:` opens a user or assistant message. Text bef
 marker (some files open with background text) is joined to the first user message, or becomes
 one. OpenChatKit trained on all the unified files (~40 GB); Koala used three of them
 (`--files unified_grade_school_math_instructions.jsonl unified_poetry_2_song.jsonl
-unified_plot_screenplay_books_dialog.jsonl`).
+unified_plot_screenplay_books_dialog.jsonl`). The recipes read one folder per file
+(`data/OIG/files/unified_ni/train.jsonl`; Koala's three in `data/OIG/files/koala`): `--recipe`
+prepares them all, `recipe_folder` says which files a folder holds.
 
 Assumption (not checked against every file): markers start a line; a marker inside a line is
 left as text, and a row whose last turn is not the bot's is skipped with that reason.
@@ -35,10 +37,30 @@ def to_conversations(row: dict) -> list[Messages]:
     return [messages]
 
 
+KOALA_FILES = (
+    "unified_grade_school_math_instructions.jsonl",
+    "unified_poetry_2_song.jsonl",
+    "unified_plot_screenplay_books_dialog.jsonl",
+)
+"""The three OIG files Koala trained on (config/koala.yaml reads them from data/OIG/files/koala)."""
+GROUPS = {"koala": KOALA_FILES}
+
+
+def recipe_folder(folder: str) -> tuple[str, ...] | None:
+    """The upstream files a recipe's `data/OIG/files/<folder>` holds: `unified_X` is `unified_X.jsonl`
+    (OpenChatKit's mixture, one folder a file), a name in GROUPS its files; None otherwise."""
+    if folder in GROUPS:
+        return GROUPS[folder]
+    if folder.startswith("unified_"):
+        return (f"{folder}.jsonl",)
+    return None
+
+
 SPEC = DatasetSpec(
     name="OIG",
     repo="laion/OIG",
     files=("unified_*.jsonl",),
+    recipe_folders=recipe_folder,
     to_conversations=to_conversations,
     description="LAION's Open Instruction Generalist (OpenChatKit's fine-tuning data): every "
     "<human>:/<bot>: turn of each row's text becomes a user/assistant message.",

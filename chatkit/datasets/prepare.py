@@ -14,7 +14,8 @@ Nothing is dropped silently: a row a mapping cannot use is a counted skip with i
 the first place it happened); a row that breaks the upstream's own format stops the run with
 its file, line or index, and field. A run that would leave train.jsonl empty (an empty input, every
 row skipped, e.g. a file in another dataset's format) fails, naming why, and writes nothing. An
-empty val.jsonl (no row fell in the held-out share) is written with a warning on stderr.
+empty val.jsonl (no row fell in the held-out share, or every one that did was skipped) is written, so
+a stale one cannot linger, with a warning on stderr; `--val-fraction 0` asks for none, quietly.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack, closing, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
 from tqdm import tqdm
 
 from chatkit.conversation import (
@@ -74,6 +76,8 @@ class Counts:
     rows: int = 0
     train: int = 0
     val: int = 0
+    val_rows: int = 0
+    """Rows that fell in the held-out share, whether or not anything of them was kept."""
     skipped: Counter[str] = field(default_factory=Counter)
     first_skip: dict[str, str] = field(default_factory=dict)
     """Where each skip reason was first seen."""
@@ -83,6 +87,16 @@ class Counts:
     @property
     def written(self) -> int:
         return self.train + self.val
+
+    def add(self, other: Counts) -> None:
+        """Fold another run's counts into these (a --recipe's total)."""
+        self.rows += other.rows
+        self.train += other.train
+        self.val += other.val
+        self.val_rows += other.val_rows
+        self.skipped.update(other.skipped)
+        for reason, where in other.first_skip.items():
+            self.first_skip.setdefault(reason, where)
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -222,8 +236,9 @@ def _write(f: IO[str], obj: dict[str, Any]) -> None:
 
 def source_files(spec: DatasetSpec, opts: Options) -> list[Path]:
     patterns = opts.files or spec.files
-    if opts.source is not None:
-        return find_files(opts.source, patterns)
+    if opts.source is not None:  # a folder may hold the upstream in another of its formats
+        other_names = () if opts.files else spec.other_files
+        return find_files(opts.source, patterns, fallback=True, other_names=other_names)
     if spec.repo is None:
         raise DatasetError(
             f"{spec.name} has no upstream to download: pass --source PATH (a file or a folder)"
@@ -277,6 +292,7 @@ def _fill(
                 return
             counts.rows += 1
             held_out = in_val(opts.seed, path.name, index, opts.val_fraction)
+            counts.val_rows += held_out
             if opts.pairs:
                 mapped = _map_pairs(spec, row, where, counts)
             else:
@@ -319,13 +335,17 @@ def run(spec: DatasetSpec, opts: Options) -> Counts:
 
 
 def empty_val_warning(opts: Options, counts: Counts) -> str | None:
-    """A held-out share was asked for but no row fell in it: val.jsonl is written empty."""
-    if counts.val or not opts.val_fraction:
+    """A held-out share was asked for but nothing was kept in it: val.jsonl is written empty."""
+    if counts.val or not opts.val_fraction:  # --val-fraction 0 asks for no held-out share: quiet
         return None
-    return (
-        f"warning: {opts.out / 'val.jsonl'} is empty: none of the {counts.rows} rows fell in the held-out "
-        f"{opts.val_fraction:g} share; leave it out of val_files, or raise --val-fraction"
-    )
+    share = f"held-out {opts.val_fraction:g} share"
+    if counts.val_rows == 0:
+        why = f"none of the {counts.rows} rows fell in the {share}"
+    elif counts.val_rows == 1:
+        why = f"the 1 of the {counts.rows} rows that fell in the {share} was skipped"
+    else:
+        why = f"the {counts.val_rows} of the {counts.rows} rows that fell in the {share} were all skipped"
+    return f"warning: {opts.out / 'val.jsonl'} is empty: {why}; leave it out of val_files, or raise --val-fraction"
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -366,6 +386,8 @@ def _epilog(spec: DatasetSpec) -> str:
     lines.append(f"  python {script} --source PATH --limit 100  # a local copy, quick look")
     if spec.pairs is not None and spec.to_conversations is not None:
         lines.append(f"  python {script} --pairs  # preference records (prompt, chosen, rejected)")
+    if spec.recipe_folders is not None:
+        lines.append(f"  python {script} --recipe config/RECIPE.yaml  # every folder a recipe reads")
     return "\n".join(lines)
 
 
@@ -404,7 +426,8 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         required=spec.repo is None,
-        help="local copy in the upstream's format: a file, or a folder searched with --files"
+        help="local copy of the upstream: a file, or a folder searched with --files (when they match "
+        "nothing there, for the same names in the other formats read here)"
         + (" (required: there is no upstream to download)" if spec.repo is None else ""),
     )
     p.add_argument(
@@ -428,6 +451,14 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         "--seed", type=int, default=0, metavar="N", help="changes which rows are held out (%(default)s)"
     )
     p.add_argument("--limit", type=_positive, metavar="N", help="stop after N rows")
+    if spec.recipe_folders is not None:
+        p.add_argument(
+            "--recipe",
+            type=Path,
+            metavar="YAML",
+            help=f"prepare every data/{spec.name}/files/<folder> the recipe's train_files and val_files "
+            "read, each where the recipe reads it (one run a folder; not with --out or --files)",
+        )
     _output_options(p, spec)
     return p
 
@@ -437,12 +468,18 @@ def _both(spec: DatasetSpec) -> bool:
     return spec.pairs is not None and spec.to_conversations is not None
 
 
-def parse_args(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Options:
-    args = build_parser(spec).parse_args(argv)
+def _parse(spec: DatasetSpec, argv: Sequence[str] | None) -> tuple[Options, Path | None]:
+    """The run's options and the --recipe to expand them over (None: one run)."""
+    p = build_parser(spec)
+    args = p.parse_args(argv)
+    recipe = getattr(args, "recipe", None)
+    if recipe is not None and (args.out is not None or args.files):
+        p.error("--recipe writes each folder where the recipe reads it, from the files its name says: "
+                "leave out --out and --files")  # fmt: skip
     out = args.out or Path("data") / spec.name / "files"
     if args.out is None and getattr(args, "pairs", False) and _both(spec):
         out = out / "pairs"  # never over the conversations a plain run writes
-    return Options(
+    opts = Options(
         out=out,
         source=args.source,
         val_fraction=args.val_fraction,
@@ -452,23 +489,128 @@ def parse_args(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Options:
         pairs=getattr(args, "pairs", False) or spec.to_conversations is None,
         files=tuple(args.files) if args.files else None,
     )
+    return opts, recipe
 
 
-def prepare(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Counts:
-    """The command line of a dataset's prepare.py; prints the counts, exits with a message on bad input."""
-    opts = parse_args(spec, argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+def parse_args(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Options:
+    return _parse(spec, argv)[0]
+
+
+# --- --recipe: every folder of a set that a recipe reads ----------------------------------------------
+
+
+def _recipe_entries(recipe: Path) -> list[str]:
+    """The paths of a recipe's train_files and val_files, weights (`path:0.5`) dropped, in order."""
+    if not recipe.is_file():
+        raise DatasetError(f"--recipe {recipe}: no such file")
     try:
-        counts = run(spec, opts)
-    except (DatasetError, ConversationError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # the output folder cannot be made or written
-        sys.exit(f"error: cannot write {opts.out}: {e}")
+        raw = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DatasetError(f"--recipe {recipe}: not a YAML recipe ({e})") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"--recipe {recipe}: a recipe is a YAML mapping")
+    entries = []
+    for key in ("train_files", "val_files"):
+        value = raw.get(key) or []
+        entries += [_without_weight(str(item)) for item in ([value] if isinstance(value, str) else value)]
+    return list(dict.fromkeys(entries))
+
+
+def _without_weight(entry: str) -> str:
+    """`file.jsonl:0.5` -> `file.jsonl` (a number after the last colon is a weight, as training reads it)."""
+    path, sep, tail = entry.rpartition(":")
+    if not sep:
+        return entry
+    try:
+        float(tail)
+    except ValueError:
+        return entry
+    return path
+
+
+def recipe_runs(spec: DatasetSpec, recipe: Path, opts: Options) -> tuple[list[Options], list[str]]:
+    """One run a folder for every `data/<name>/files/<folder>/{train,val}.jsonl` the recipe reads (its
+    out is that folder, its files what `spec.recipe_folders` says the folder holds; `.../files/train.jsonl`
+    is a run of the spec's own files), and the recipe's other entries, which this set does not write.
+    The other options carry over from `opts`."""
+    if spec.recipe_folders is None:
+        raise DatasetError(f"{spec.name} has no --recipe: prepare it with --files and --out")
+    runs: dict[Path, Options] = {}
+    others = []
+    for entry in _recipe_entries(recipe):
+        path = Path(entry)
+        parts = path.parent.parts
+        if path.name not in ("train.jsonl", "val.jsonl"):
+            others.append(entry)
+        elif parts[-2:] == (spec.name, "files"):  # the set's default folder: its own files
+            runs.setdefault(path.parent, replace(opts, out=path.parent, files=None))
+        elif parts[-3:-1] == (spec.name, "files"):
+            folder = path.parent
+            files = spec.recipe_folders(folder.name)
+            if not files:
+                raise DatasetError(
+                    f"{recipe}: cannot tell which upstream files {folder.as_posix()} holds (name the folder "
+                    f"after one); prepare it with data/{spec.name}/prepare.py --files GLOB --out {folder}"
+                )
+            runs.setdefault(folder, replace(opts, out=folder, files=tuple(files)))
+        else:
+            others.append(entry)
+    if not runs:
+        raise DatasetError(f"{recipe} reads no data/{spec.name}/files/ folder")
+    return list(runs.values()), others
+
+
+def _report(opts: Options, counts: Counts) -> None:
+    """What one run prints after writing: first skips, the files, a warning, the summary line."""
     for reason, where in counts.first_skip.items():
         print(f"{reason}: first skipped at {where}")
     print(f"wrote {opts.out / 'train.jsonl'} and {opts.out / 'val.jsonl'}")
     if warning := empty_val_warning(opts, counts):
         print(warning, file=sys.stderr)
     print(counts.summary())
+
+
+def _run_or_exit(spec: DatasetSpec, opts: Options, done: str = "") -> Counts:
+    try:
+        return run(spec, opts)
+    except (DatasetError, ConversationError) as e:
+        sys.exit(f"error: {e}{done}")
+    except OSError as e:  # the output folder cannot be made or written
+        sys.exit(f"error: cannot write {opts.out}: {e}{done}")
+
+
+def _prepare_recipe(spec: DatasetSpec, recipe: Path, opts: Options) -> Counts:
+    if opts.source is not None and opts.source.is_file():
+        sys.exit(
+            f"error: --recipe reads one folder's files after another: --source {opts.source} must be a folder"
+        )
+    try:
+        runs, others = recipe_runs(spec, recipe, opts)
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
+    if others:
+        print(f"{recipe} also reads {len(others)} file(s) not written here: {', '.join(others)}")
+    total = Counts()
+    for i, run_opts in enumerate(runs):
+        files = ", ".join(run_opts.files or spec.files)
+        print(f"[{i + 1}/{len(runs)}] {files} -> {run_opts.out}")
+        done = f" ({i} of {len(runs)} folders for {recipe} prepared before this one)" if i else ""
+        counts = _run_or_exit(spec, run_opts, done)
+        _report(run_opts, counts)
+        total.add(counts)
+    print(f"prepared {len(runs)} folders for {recipe}: {total.summary()}")
+    return total
+
+
+def prepare(spec: DatasetSpec, argv: Sequence[str] | None = None) -> Counts:
+    """The command line of a dataset's prepare.py; prints the counts, exits with a message on bad input.
+
+    With --recipe, one run for each folder of the set the recipe reads; returns their counts together."""
+    opts, recipe = _parse(spec, argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if recipe is not None:
+        return _prepare_recipe(spec, recipe, opts)
+    counts = _run_or_exit(spec, opts)
+    _report(opts, counts)
     return counts

@@ -6,6 +6,11 @@ under a .json name, as OpenAI's summarize-from-feedback batches are), `.jsonl`, 
 error and skip can point at its row. Text is UTF-8 (a leading byte-order mark is allowed); a byte
 that is not, invalid JSON or JSON nested deeper than Python can decode stops the run with the file
 and the line (and column) where known.
+
+A --source folder is searched with the spec's globs; when they match nothing there, with the same
+names in the other formats read here (`*.parquet` -> `*.json`, `*.jsonl`, ...), then with the
+upstream's other published names (`DatasetSpec.other_files`), each file once; when still nothing
+matches, the error says what was looked for and what the folder holds.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import IO, Any
@@ -21,6 +27,9 @@ from typing import IO, Any
 from chatkit.datasets.spec import DatasetSpec
 
 SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+_LONGEST_FIRST = sorted(SUFFIXES, key=len, reverse=True)
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(RuntimeError):
@@ -43,20 +52,89 @@ def download(spec: DatasetSpec, patterns: tuple[str, ...]) -> Path:
     return Path(folder)
 
 
-def find_files(source: Path, patterns: tuple[str, ...]) -> list[Path]:
-    """The file itself, or the files under a folder whose relative path matches a pattern, sorted."""
+def _split_suffix(name: str) -> tuple[str, str] | None:
+    """(stem, suffix) for a name or glob ending in a readable format's suffix, else None."""
+    for suffix in _LONGEST_FIRST:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
+def other_formats(patterns: Sequence[str]) -> tuple[str, ...]:
+    """The same names in every other readable format: `*.parquet` -> `*.json`, `*.jsonl`, ..."""
+    out = []
+    for pattern in patterns:
+        split = _split_suffix(pattern)
+        if split is not None:
+            out += [split[0] + suffix for suffix in SUFFIXES if suffix != split[1]]
+    return tuple(dict.fromkeys(out))
+
+
+def fallback_stages(patterns: Sequence[str], other_names: Sequence[str] = ()) -> list[tuple[str, ...]]:
+    """What a --source folder is searched with when `patterns` match nothing there, stage after stage
+    (the first that matches is read, so one release is never read beside another): the same names in
+    the other readable formats, then the upstream's other names in every readable format."""
+    stages = [other_formats(patterns)]
+    if other_names:
+        stages.append(tuple(dict.fromkeys((*other_names, *other_formats(other_names)))))
+    return stages
+
+
+def _few(names: Sequence[str], n: int = 5) -> str:
+    """'a, b, c' or 'a, b, c and 4 more'."""
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _matching(files: list[str], patterns: Sequence[str]) -> list[str]:
+    return [f for f in files if any(fnmatchcase(f, pat) for pat in patterns)]
+
+
+def _once_per_file(files: list[str]) -> list[str]:
+    """One of the files that differ only by format (x.jsonl, x.jsonl.gz...): the first in SUFFIXES order."""
+    best: dict[str, tuple[int, str]] = {}
+    for f in files:
+        stem, suffix = _split_suffix(f) or (f, "")
+        rank = SUFFIXES.index(suffix) if suffix else len(SUFFIXES)
+        if stem not in best or rank < best[stem][0]:
+            best[stem] = (rank, f)
+    return sorted(f for _, f in best.values())
+
+
+def find_files(
+    source: Path, patterns: Sequence[str], fallback: bool = False, other_names: Sequence[str] = ()
+) -> list[Path]:
+    """The file itself, or the files under a folder whose relative path matches a pattern, sorted.
+
+    With `fallback`, when no pattern matches: the folder's files matching the first of
+    `fallback_stages(patterns, other_names)` that matches any, one format per file and hidden ones
+    left out, with a log line naming them. When nothing matches, a DatasetError says what was looked
+    for and what the folder holds.
+    """
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise DatasetError(f"--source {source}: no such file or folder")
-    found = sorted(
-        p
-        for p in source.rglob("*")
-        if p.is_file() and any(fnmatchcase(p.relative_to(source).as_posix(), pat) for pat in patterns)
-    )
-    if not found:
-        raise DatasetError(f"{source}: no files matching {', '.join(patterns)} (choose others with --files)")
-    return found
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    found = _matching(files, patterns)
+    if found:
+        return [source / f for f in found]
+    visible = [f for f in files if not any(part.startswith(".") for part in f.split("/"))]
+    for stage in fallback_stages(patterns, other_names) if fallback else []:
+        found = _once_per_file(_matching(visible, stage))
+        if found:
+            logger.info(
+                "%s: no files matching %s; reading the upstream's files found under other names or formats: %s",
+                source, ", ".join(patterns), _few(found),
+            )  # fmt: skip
+            return [source / f for f in found]
+    looked = f"no files matching {', '.join(patterns)}"
+    if other_names:
+        looked += f", nor the upstream's other files {', '.join(other_names)}"
+    if fallback:
+        looked += f", in any format read here ({', '.join(SUFFIXES)})"
+    holds = f"the folder holds {_few(visible)}" if visible else "the folder is empty"
+    raise DatasetError(f"{source}: {looked}; {holds}; name the files to read with --files GLOB [GLOB ...]")
 
 
 def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:

@@ -62,6 +62,13 @@ class DatasetSpec:
     --pairs, or is the only output when `to_conversations` is None."""
     val_fraction: float = 0.01
     """Default share of rows held out in val.jsonl."""
+    other_files: tuple[str, ...] = ()
+    """Globs of the upstream's files as published elsewhere (another release, another layout), read
+    from a --source folder in which `files`, in any readable format, match nothing."""
+    recipe_folders: Callable[[str], tuple[str, ...] | None] | None = None
+    """Sets a recipe reads one folder per upstream file (OIG): maps the folder name in a recipe's
+    `data/<name>/files/<folder>/train.jsonl` to the upstream globs it holds, or None when it cannot
+    tell; enables `prepare.py --recipe`."""
 
     def __post_init__(self) -> None:
         if self.to_conversations is None and self.pairs is None:

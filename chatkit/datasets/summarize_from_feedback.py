@@ -3,7 +3,8 @@
 Upstream openai/summarize_from_feedback, config `comparisons`: a loading script on the main branch,
 the rows as parquet on `refs/convert/parquet` (`comparisons/train/*.parquet`, 92,858 rows; the
 validation split is left out, we hold out our own val). OpenAI's own batch files
-(`comparisons/batch*.json`, JSON lines) read the same. Fields used: `info.post`, `info.title`,
+(`comparisons/batch*.json`, JSON lines) read the same; a --source folder without the parquet files is
+searched for them (all of them, the batches the hub puts in its validation split too). Fields used: `info.post`, `info.title`,
 `info.subreddit` (CNN/DM rows: `info.article`), `summaries[].text` and `choice` (the index of the
 preferred summary). Following Koala the chosen summary is the reply. With --keep-rejected the other
 summary is written too, the request ending with Koala's marker "An Unhelpful Answer:". With --pairs
@@ -60,6 +61,7 @@ SPEC = DatasetSpec(
     repo="openai/summarize_from_feedback",
     revision="refs/convert/parquet",
     files=("comparisons/*train*.parquet",),
+    other_files=("comparisons/batch*.json",),
     to_conversations=to_conversations,
     rejected=rejected,
     pairs=pairs,

@@ -1,7 +1,7 @@
 """The demo's synthetic chat tasks: small enough to learn in minutes on CPU, checkable by exact match.
 
 - add:     "What is 37 + 48?" -> "85"
-- reverse: "Reverse the words: red fish blue" -> "blue fish red"
+- reverse: "Reverse the words: apple river stone" -> "stone river apple" (words from WORDS only)
 - name:    multi-turn; the user gives a name, asks something else, then asks for the name back
 - number:  multi-turn; the user gives a number to remember, then asks for it back
 The answers of the multi-turn tasks depend on an earlier turn.

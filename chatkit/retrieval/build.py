@@ -81,7 +81,9 @@ def build_index(
     if old is not None:
         old.check_encoder(encoder.dim, encoder.name)
     t0 = time.perf_counter()
-    vectors = encoder.encode([p.text for p in new], batch_size=batch_size, progress=progress)
+    vectors = encoder.encode(  # a bar only when there is more than one batch to wait for
+        [p.text for p in new], batch_size=batch_size, progress=progress and len(new) > batch_size
+    )
     log.info("embedded %d passages in %.1fs", len(new), time.perf_counter() - t0)
     if old is None:
         kind = choose_index_type(len(new)) if index_type == "auto" else index_type

@@ -49,6 +49,8 @@ class SentenceTransformerEncoder:
     def __init__(self, model: str | Path = DEFAULT_MODEL, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
+        from chatkit.quiet import no_progress_bars
+
         self.name = str(model)
         where = (
             default_model_path()
@@ -56,7 +58,8 @@ class SentenceTransformerEncoder:
             else model
         )
         try:
-            self.model = SentenceTransformer(str(where), device=device)
+            with no_progress_bars():  # transformers' "Loading weights" bar for a 22M-parameter model
+                self.model = SentenceTransformer(str(where), device=device)
         except Exception as e:  # a missing folder, no hub access, an unreadable model
             raise RetrievalError(
                 f"cannot load sentence-transformers model {model} ({type(e).__name__}: {e})"
@@ -84,10 +87,13 @@ class ContrieverEncoder:
     def __init__(self, model: str | Path = CONTRIEVER_MODEL, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
+        from chatkit.quiet import no_progress_bars
+
         self.name, self.device = str(model), device
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model))
-            self.model = AutoModel.from_pretrained(str(model)).to(device).eval()
+            with no_progress_bars():
+                self.model = AutoModel.from_pretrained(str(model)).to(device).eval()
         except Exception as e:
             raise RetrievalError(f"cannot load contriever model {model} ({type(e).__name__}: {e})") from None
         self.dim = int(self.model.config.hidden_size)

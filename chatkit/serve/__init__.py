@@ -4,7 +4,9 @@
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: true` as
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /v1/models`,
-`GET /health`. One worker thread runs one generation at a time, in arrival order, so concurrent
+`GET /health` (no key: the name and the generation defaults, which the page reads). The model is
+served under one name (`--model-name`, else `cli.served_name`); a request naming another gets a 404
+`model_not_found`. One worker thread runs one generation at a time, in arrival order, so concurrent
 clients each get their own, unmixed answer. A stream whose client goes away is cancelled.
 Bad requests get a 4xx with an OpenAI-shaped `{"error": {"message": ...}}` body. Only Host headers
 naming this server are answered, cross-site POSTs are refused, bodies must be JSON and at most

@@ -33,6 +33,20 @@ def _size(text: str) -> int:
     return n
 
 
+EXPORT_FOLDER_NAMES = ("hf", "model")
+"""Folder names that say what a folder is, not which model: tools/convert_to_hf.py's outputs/<run>/hf
+and the base models' pretrained/<name>/model. The model is named by the folder above them."""
+
+
+def served_name(model: str | Path) -> str:
+    """The model id to serve a folder as, when --model-name does not say: its name, or for an export
+    folder (EXPORT_FOLDER_NAMES) its parent's, so that every demo export is not served as "hf"."""
+    folder = Path(model).resolve()
+    if folder.name in EXPORT_FOLDER_NAMES and folder.parent.name:
+        return folder.parent.name
+    return folder.name
+
+
 def _parser() -> argparse.ArgumentParser:
     from chatkit.bot import add_generation_args, add_loading_args, add_retrieval_args
 
@@ -52,11 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("CHATKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $CHATKIT_API_KEY, else none; "
                         "an empty key is an error)")  # fmt: skip
-    p.add_argument("--model-name", help="the model id the API reports (default: the folder's name)")
+    p.add_argument("--model-name",
+                   help="the model id the API reports and requests must name (default: the folder's name, "
+                        "or its parent's for an export folder named hf or model: outputs/demo/hf -> demo)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 503 (64)")
     p.add_argument("--max-body", type=_size, default=MAX_BODY, metavar="BYTES",
                    help="largest request body, in bytes or with k/m (KiB/MiB); larger ones get 413 (1m)")  # fmt: skip
-    add_generation_args(p, max_tokens=256)
+    add_generation_args(p)
     add_loading_args(p)
     add_retrieval_args(p)
     return p
@@ -69,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = _parser()
     args = p.parse_args(argv)
-    name = args.model_name or Path(args.model).resolve().name
+    name = args.model_name or served_name(args.model)
     try:
         config = ServerConfig(
             name,
@@ -85,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     engine = engine_from_args(p, args)
-    config.context_provider = retrieval_from_args(p, args)
+    config.context_provider = retrieval_from_args(p, args, engine, config.defaults)
     import uvicorn
 
     uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="info")

@@ -15,9 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from chatkit.chat import GenerationParams
 from chatkit.conversation import Message
 
-OPENAI_COMPLETION_DEFAULT = 16
-"""OpenAI's default `max_tokens` for /v1/completions (chat uses the server's default instead)."""
-
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The seeds torch's generator takes (a 64-bit integer, signed or not); others would fail in the worker."""
 
@@ -144,6 +141,15 @@ def parse_body(body: bytes, model: type[_Body]) -> _Body:
         raise ApiError(400, _validation_message(e)) from None
     except RecursionError:
         raise ApiError(400, "the body is nested too deeply") from None
+
+
+def check_model(req: OpenAIRequest, served: str) -> None:
+    """A request naming a model this server does not serve gets OpenAI's 404 `model_not_found`, not an
+    answer from another model than it asked for. An omitted `model` means the served one (curl users
+    leave it out; OpenAI's clients always send it)."""
+    if req.model is not None and req.model != served:
+        raise ApiError(404, f"the model {req.model!r} does not exist here; this server serves {served!r}",
+                       "model", "model_not_found")  # fmt: skip
 
 
 def to_messages(req: ChatRequest) -> list[Message]:

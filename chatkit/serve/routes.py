@@ -13,10 +13,10 @@ from fastapi.responses import HTMLResponse
 
 from chatkit.chat import ChatEngine, ContextProvider, with_context
 from chatkit.serve.protocol import (
-    OPENAI_COMPLETION_DEFAULT,
     ApiError,
     ChatRequest,
     CompletionRequest,
+    check_model,
     generation_params,
     max_tokens,
     parse_stops,
@@ -48,6 +48,7 @@ def _chat_job(
 ) -> Run:
     """The checked generation for a chat request. Retrieval (embedding, search) and measuring the
     prompt (tokenizing it) cost CPU in proportion to the request: called off the event loop."""
+    check_model(req, settings.model_name)
     messages, stops = to_messages(req), parse_stops(req)
     if retrieval is not None:
         messages = with_context(messages, retrieval(messages))
@@ -58,7 +59,9 @@ def _chat_job(
 
 
 def _completion_job(req: CompletionRequest, engine: ChatEngine, settings: ServerConfig) -> tuple[Run, str]:
-    """The checked generation for a text completion and its prompt (off the event loop, as `_chat_job`)."""
+    """The checked generation for a text completion and its prompt (off the event loop, as `_chat_job`).
+    An omitted `max_tokens` is the server's default, as for chat (OpenAI's own default here is 16)."""
+    check_model(req, settings.model_name)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise ApiError(400, "prompt: exactly one prompt per request", "prompt")
@@ -66,7 +69,7 @@ def _completion_job(req: CompletionRequest, engine: ChatEngine, settings: Server
     prompt_len = engine.text_length(prompt)
     if prompt_len == 0:
         raise ApiError(400, "prompt: must not be empty", "prompt")
-    n = max_tokens(req.max_tokens, OPENAI_COMPLETION_DEFAULT, prompt_len, engine.context_length)
+    n = max_tokens(req.max_tokens, settings.defaults.max_new_tokens, prompt_len, engine.context_length)
     params = generation_params(req, settings.defaults, n)
     return partial(engine.complete, prompt, params, req.seed, stop=stops), prompt
 
@@ -101,8 +104,12 @@ async def models(engine: Engine, settings: Settings) -> dict[str, Any]:
 
 @site.get("/health")
 async def health(settings: Settings, worker: Generation) -> dict[str, Any]:
-    """Liveness and load, without the key: for probes and for tests waiting on start-up."""
-    return {"status": "ok", "model": settings.model_name, "waiting": worker.pending}
+    """Liveness and load, without the key: for probes and for tests waiting on start-up. The page
+    reads the model's name and the generation defaults here, before it has any API key."""
+    d = settings.defaults
+    defaults = {"max_tokens": d.max_new_tokens, "temperature": d.temperature if d.sample else 0.0,
+                "top_p": d.top_p, "top_k": d.top_k}  # fmt: skip
+    return {"status": "ok", "model": settings.model_name, "waiting": worker.pending, "defaults": defaults}
 
 
 @site.get("/", response_class=HTMLResponse)

@@ -52,6 +52,13 @@ class ChatTemplate:
     """Marker strings a tokenizer must hold as special tokens (one id each, never split), e.g. ChatML's."""
     strip_content: bool = False
     """Strip whitespace around every message's text, as origins that call `.strip()` (Meta's llama2) do."""
+    last_assistant: str | None = None
+    """The trained piece for an assistant message that ends the conversation (None: `assistant`). Lets
+    only a training conversation's final reply carry the stop token, so that past replies in a chat
+    history read as the origin's (openchatkit)."""
+    separator_after_last: bool = True
+    """Whether `separator` also follows an assistant message that ends the conversation; False leaves
+    no untrained text after the final reply's stop token (alpaca, openchatkit)."""
 
     def _fill(self, piece: str, content: str, eos: str, bos: str) -> str:
         # replace, not str.format: message content may contain braces.
@@ -85,12 +92,16 @@ class ChatTemplate:
 
         segs = [Segment(fill(self.bos), False)] if self.bos else []
         prev_role = None
-        for m in self._with_default_system(messages):
+        msgs = self._with_default_system(messages)
+        for i, m in enumerate(msgs):
             text = m.content.strip() if self.strip_content else m.content
             if m.role == "assistant":
+                last = i == len(msgs) - 1
+                piece = self.last_assistant if last and self.last_assistant is not None else self.assistant
                 segs.append(Segment(fill(self.assistant_prefix), False))
-                segs.append(Segment(fill(self.assistant, text), m.trained))
-                segs.append(Segment(fill(self.separator), False))
+                segs.append(Segment(fill(piece, text), m.trained))
+                if not last or self.separator_after_last:
+                    segs.append(Segment(fill(self.separator), False))
             else:
                 segs.append(Segment(fill(self._piece(m.role, prev_role), text), m.trained))
             prev_role = m.role
@@ -125,14 +136,25 @@ class ChatTemplate:
         return "{%- if " + after_system + " -%}" + after + "{%- else -%}" + plain + "{%- endif -%}"
 
     def _jinja_assistant(self) -> str:
-        # The piece's literal head (e.g. a space) goes before {% generation %}: Hugging Face maps the
-        # block's first character to a token, and a space that merges into the next word has none.
-        head, _, tail = self.assistant.partition("{content}")
+        # The whole trained piece, its literal head (e.g. a space) included, is the {% generation %}
+        # region: transformers marks every token overlapping the region, and chatkit trains every token
+        # overlapping a trained segment (chatkit/tokenization.py), so the two agree token for token,
+        # also when the head's space is a token of its own or merges into the reply's first word.
+        def turn(piece: str, separator: bool) -> str:
+            sep = "{{- " + self._expr(self.separator) + " -}}" if separator and self.separator else ""
+            return "{%- generation -%}{{- " + self._expr(piece) + " -}}{%- endgeneration -%}" + sep
+
+        prefix = "{{- " + self._expr(self.assistant_prefix) + " -}}"
+        last_piece = self.assistant if self.last_assistant is None else self.last_assistant
+        if last_piece == self.assistant and self.separator_after_last:
+            return prefix + turn(self.assistant, True)
         return (
-            "{{- " + self._expr(self.assistant_prefix) + " -}}"
-            "{{- " + self._expr(head) + " -}}"
-            "{%- generation -%}{{- " + self._expr("{content}" + tail) + " -}}{%- endgeneration -%}"
-            "{{- " + self._expr(self.separator) + " -}}"
+            prefix
+            + "{%- if loop.last -%}"
+            + turn(last_piece, self.separator_after_last)
+            + "{%- else -%}"
+            + turn(self.assistant, True)
+            + "{%- endif -%}"
         )
 
     @property
@@ -178,16 +200,22 @@ def _jinja_piece(piece: str, content: str = _CONTENT) -> str:
     return " ~ ".join(exprs) if exprs else '""'
 
 
-# OpenChatKit (Together): "<human>: ...\n<bot>: ...\n". Replies end with the eos token, which is
-# trained; "<human>:" stays a stop string, as OpenChatKit's bot.py used it, for base models that
-# run on into a fake next turn.
+# OpenChatKit (Together): "<human>: ...\n<bot>: ...\n<human>: ...\n<bot>:" as OIG's training texts
+# (LAION-AI/Open-Instruction-Generalist) and OpenChatKit's bot (togethercomputer/OpenChatKit
+# inference/conversation.py: push_model_response appends `<bot>: {response}\n`, with no eos) have
+# it: past replies in a chat history are followed by "\n" only. The stop signal is trained where the
+# origin had it, at the end of a training document: only a conversation's final reply ends with the eos
+# token (`last_assistant`), and nothing follows it. "<human>:" stays a stop string, as OpenChatKit's
+# bot.py used it, for a model that runs on into a fake next turn.
 OPENCHATKIT = ChatTemplate(
     name="openchatkit",
     system="{content}\n",
     user="<human>: {content}\n",
     assistant_prefix="<bot>:",
-    assistant=" {content}{eos}",
+    assistant=" {content}",
+    last_assistant=" {content}{eos}",
     separator="\n",
+    separator_after_last=False,
     stop_strings=("<human>:",),
     description="OpenChatKit's <human>:/<bot>: format",
 )
@@ -210,8 +238,10 @@ ALPACA = ChatTemplate(
     assistant_prefix="### Response:",
     assistant=" {content}{eos}",
     # Multi-turn (not in the origin): each next instruction follows the reply after a blank
-    # line, the blank line that separates every section of the prompt.
+    # line, the blank line that separates every section of the prompt. Nothing follows the final
+    # reply's eos: OpenAlpaca's rows end with [eos].
     separator="\n\n",
+    separator_after_last=False,
     stop_strings=("### Instruction:",),
     default_system=ALPACA_PREAMBLE,
     description="OpenAlpaca / Stanford Alpaca ### Instruction: / ### Response: prompt",

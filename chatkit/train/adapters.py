@@ -54,18 +54,25 @@ def keep_training_layout(model) -> None:
             module.training = True
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing (non-reentrant): transformers' `activation_checkpointing_enable` where it
+    has one (5.x, which deprecates `gradient_checkpointing_enable` with a FutureWarning), else the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def apply_adapters(model, cfg: TrainConfig):
     """Gradient checkpointing, k-bit preparation and LoRA as the config says; returns the model to train."""
     if cfg.quantize:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # PEFT would enable checkpointing by the deprecated name; non-reentrant, it needs nothing else of it
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 

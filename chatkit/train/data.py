@@ -3,41 +3,69 @@ replica, and the validation shard of each."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
 from loguru import logger
 
+from chatkit.conversation import ConversationError
 from chatkit.data import Batches, DataSource, Pair, TokenizedSet, describe, save_data_stats, tokenize_file
 from chatkit.tokenization import IGNORE_INDEX, Encoded
-from chatkit.train.context import Run
+from chatkit.train.context import Run, RunError
+
+
+def _data_problem(e: Exception) -> str:
+    """One line: a ConversationError names file, line and field; an OSError its file and the reason."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
 
 
 def load_sets(specs: list[str], run: Run) -> list[TokenizedSet]:
-    """Rank 0 tokenizes (in several processes) and fills the cache; the other ranks then read it."""
+    """Rank 0 tokenizes (in several processes) and fills the cache; the other ranks then read it.
+
+    A bad line (or an unreadable file) stops every rank together after each turn: rank 0 says it in one
+    line (`file:line: field: ...`) and the others, which would otherwise lose their peer mid-collective,
+    say nothing."""
     import torch.distributed as dist
 
     cfg = run.cfg
     procs = cfg.tokenize_procs or min(8, os.cpu_count() or 1)
     sets: list[TokenizedSet] = []
     for turn in (0, 1):
+        problem = None
         if run.main == (turn == 0):
-            sets = [
-                tokenize_file(
-                    DataSource.parse(spec).path,
-                    run.tokenizer,
-                    run.template,
-                    cfg.max_length,
-                    cfg.overlong,
-                    procs if run.main else 1,
-                    cfg.cache_dir or None,
-                    show_progress=run.main,
-                    pairs=run.method.pairs,
-                )  # fmt: skip
-                for spec in specs
-            ]
-        dist.barrier()
+            try:
+                sets = _tokenize(specs, run, procs)
+            except (ConversationError, OSError) as e:
+                problem = _data_problem(e)
+            if problem:  # the failed tokenization's progress bar and worker pool are held in reference
+                gc.collect()  # cycles with its exception: end them (clearing the bar) before the error prints
+        problems: list[str | None] = [problem] * run.world
+        if run.world > 1:
+            dist.all_gather_object(problems, problem)  # also the barrier between the turns
+        if reported := next((p for p in problems if p), None):
+            raise RunError(reported, all_ranks=True)
     return sets
+
+
+def _tokenize(specs: list[str], run: Run, procs: int) -> list[TokenizedSet]:
+    cfg = run.cfg
+    return [
+        tokenize_file(
+            DataSource.parse(spec).path,
+            run.tokenizer,
+            run.template,
+            cfg.max_length,
+            cfg.overlong,
+            procs if run.main else 1,
+            cfg.cache_dir or None,
+            show_progress=run.main,
+            pairs=run.method.pairs,
+        )  # fmt: skip
+        for spec in specs
+    ]
 
 
 def load_data(run: Run, dp_rank: int, dp_world: int) -> tuple[Batches, list[TokenizedSet]]:

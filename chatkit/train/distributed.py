@@ -1,14 +1,38 @@
-"""Joining and leaving the process group (gloo on CPU ranks, nccl on GPUs), and per-rank logging."""
+"""Joining and leaving the process group (gloo on CPU ranks, nccl on GPUs), per-rank logging, and how
+much of DeepSpeed's own log a user sees."""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from pathlib import Path
 
 import torch
 from loguru import logger
 from tqdm import tqdm
+
+VERBOSE_ENV = "CHATKIT_VERBOSE"
+"""Set to 1 (or `chatkit.launch --verbose`): DeepSpeed's launcher and import-time log lines are shown."""
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0")
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed's logger (`deepspeed.utils.logging.logger`, named "DeepSpeed") passes errors only, for
+    steps that import DeepSpeed without training (tools/convert_to_hf.py reads its checkpoints): its
+    accelerator probe otherwise warns "Setting accelerator to CPU. If you have GPU or other accelerator,
+    we were unable to detect it." on every CPU machine. A filter on the logger, set before DeepSpeed is
+    imported, outlasts the level DeepSpeed gives it then. With CHATKIT_VERBOSE=1 nothing is filtered."""
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not verbose() and _errors_only not in ds_logger.filters:
+        ds_logger.addFilter(_errors_only)
 
 
 def setup_logging(output_dir: Path, rank: int, file_log: bool = True) -> None:

@@ -91,8 +91,11 @@ class ZeroEngine:
         dtype = next(self.engine.module.parameters()).dtype
         mask = block_causal_mask(batch["segment_ids"], dtype)
         return self.engine(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
-        ).logits
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits  # no KV cache in training (with gradient checkpointing transformers would warn per rank)
 
     def train_step(self, micro: list[Batch], count: float) -> dict[str, float]:
         # DeepSpeed divides by the accumulation steps and averages over ranks: the scale undoes both.
