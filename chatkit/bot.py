@@ -23,6 +23,7 @@ from chatkit.chat import (
     with_context,
 )
 from chatkit.conversation import Conversation, ConversationError, Message, iter_jsonl, write_conversations
+from chatkit.io import read_meta
 
 HELP = """commands:
   /help             this help
@@ -353,10 +354,13 @@ def first_conversation(path: Path) -> Conversation | None:
     return next(iter_jsonl(path), None)
 
 
-def run_interactive(shell: ChatShell) -> None:
+def run_interactive(shell: ChatShell, about: str = "") -> None:
+    """`about`: what the model can do, as its training recipe says (chatkit.json's `about`)."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     shell._print("chatkit bot: type a message, /help for commands, /quit to leave.")
+    if about:
+        shell._print(f"this model: {about}")
     while True:
         try:
             line = input(">>> ")
@@ -513,6 +517,6 @@ def main(argv: list[str] | None = None) -> None:
         engine, params, args.system, stream=not args.no_stream, seed=args.seed, context_provider=provider,
     )  # fmt: skip
     if sys.stdin.isatty():
-        run_interactive(shell)
+        run_interactive(shell, str(read_meta(args.model).get("about", "")))
     else:
         run_piped(shell, sys.stdin)

@@ -57,6 +57,9 @@ class TrainConfig:
     """method=dpo: the loss's temperature (DPO's beta, IPO's tau, SimPO's beta, ORPO's lambda)."""
     simpo_gamma: float = 0.5
     """preference_loss=simpo: the target reward margin gamma."""
+    about: str = ""
+    """One line on what the trained model can do, kept in chatkit.json of every checkpoint and export;
+    the bot shows it when it starts (the demo lists its four tasks)."""
     template: str = "openchatkit"
     """Chat template name (chatkit.templates); embedded in every export."""
     output_dir: str = "outputs/run"

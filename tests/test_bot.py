@@ -889,3 +889,20 @@ def test_the_readme_chat_example_answers_as_printed(demo_engine: ChatEngine):
     number = ["Please remember the number 4711.", "What is 3 + 4?", "Which number did I ask you to remember?"]
     shell = ChatShell(demo_engine, GenerationParams(sample=False), out=io.StringIO())
     assert [shell.say(turn) for turn in number][-1] == "4711"
+
+
+def test_the_interactive_shell_says_what_the_model_can_do(tiny_engine, monkeypatch):
+    """chatkit.json's `about` (the recipe's `about`: the demo lists its tasks) is shown at start."""
+    import io
+
+    from chatkit.bot import ChatShell, run_interactive
+    from chatkit.chat import GenerationParams
+
+    def no_more_input(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_more_input)
+    for about in ("adds two numbers", ""):
+        out = io.StringIO()
+        run_interactive(ChatShell(tiny_engine, GenerationParams(), out=out), about)
+        assert ("this model: adds two numbers" in out.getvalue()) == bool(about)

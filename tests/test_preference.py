@@ -346,3 +346,31 @@ def test_dry_run_plans_the_reference_pass(capsys, monkeypatch):
     assert "no second model (a frozen reference model would add 3.03 GiB per GPU)" in out
     launch.main(["config/koala-dpo.yaml", "--dry-run", "--num-gpus", "8", "preference_loss=simpo"])
     assert "reference-free: no reference pass" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flag", "content", "error"),
+    [
+        ("--data", '{"messages": [{"role": "bot", "content": "x"}]}', r"bad\.jsonl:1: messages\[0\]\.role"),
+        (
+            "--pairs",
+            '{"messages": [{"role": "user", "content": "x"}]}',
+            r"bad\.jsonl:1: field 'chosen' is missing",
+        ),
+        ("--pairs", None, r"bad\.jsonl: no such file"),
+    ],
+)
+def test_evaluate_tool_says_one_line_for_bad_data(tiny_model_dir, tmp_path, flag, content, error):
+    import re
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    if content is not None:
+        bad.write_text(content + "\n")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "tools/evaluate.py", "--model", str(tiny_model_dir), flag, str(bad)],
+                       cwd=repo, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert re.fullmatch(rf"error: .*{error}.*\n", r.stderr), r.stderr

@@ -80,7 +80,7 @@ def references(root: Path, name: str) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def one(root) -> Path:
-    launch(root, "one", "save_every=2", "micro_batch_size=4")  # the rows 2 ranks x 2 see per step
+    launch(root, "one", "save_every=2", "micro_batch_size=4", "about=adds numbers")  # rows 2 ranks x 2 see
     return root / "one"
 
 
@@ -103,6 +103,14 @@ def test_zero3_on_two_ranks_equals_one_process(root, one):
     wa, wb = load_deepspeed_weights(one / "checkpoints"), load_deepspeed_weights(root / "two" / "checkpoints")
     # Adam turns summation-order differences of the gradients (1e-7) into weight differences of ~3e-5
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_about_travels_in_every_checkpoint(one):
+    for step in (2, 4):
+        assert (
+            json.loads((one / "checkpoints" / f"step{step}" / "chatkit.json").read_text())["about"]
+            == "adds numbers"
+        )
 
 
 def test_statistics_reach_metrics_log_and_curves(one):

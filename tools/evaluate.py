@@ -14,8 +14,10 @@ is the more likely; last line: held-out preference accuracy: 0.80 (80/100).
 
 import argparse
 import sys
+from pathlib import Path
 
 from chatkit.chat import ChatEngine, describe_load_error
+from chatkit.conversation import ConversationError
 from chatkit.evaluate import evaluate_exact_match, evaluate_preferences
 
 
@@ -43,6 +45,17 @@ def main() -> None:
     args = p.parse_args()
     if args.reference and not args.pairs:
         p.error("--reference needs --pairs")
+    data = args.pairs or args.data
+    if not Path(data).is_file():
+        sys.exit(f"error: {data}: no such file")
+    try:
+        run(args)
+    except (ConversationError, ValueError) as e:  # a bad line names its file, line and field
+        sys.exit(f"error: {e}")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate as the arguments say; bad data raises ConversationError (file:line: field)."""
     engine = load_engine(args.model, args.device)
     if args.pairs:
         reference = load_engine(args.reference, args.device) if args.reference else None

@@ -179,6 +179,8 @@ def save(
         tokenizer.save_pretrained(root / tmp)
         (model_config or _model_config(engine.module)).save_pretrained(root / tmp)
         info = {"template": cfg.template, "base_model": cfg.model, "step": step, **(meta or {})}
+        if cfg.about:
+            info["about"] = cfg.about
         info["data"] = data_position(cfg, dp_world)
         write_json(root / tmp / "chatkit.json", info)
         save_config(cfg, root / tmp / "train_config.yaml")
