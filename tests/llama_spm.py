@@ -80,6 +80,45 @@ def processor():
     return spm.SentencePieceProcessor(model_proto=spm_model_bytes())
 
 
+WHITESPACE_SCORE = -1e9
+
+
+@functools.cache
+def llama_layout_bytes() -> bytes:
+    """`spm_model_bytes()` with the real Llama tokenizer.model's layout of whitespace-only pieces.
+
+    In Meta's tokenizer.model the pieces of 2-16 spaces are normal pieces with early ids ("▁▁" is 259, the
+    first id after the 256 byte pieces; "▁▁▁▁" 268, "▁"*8 308, "▁"*16 462) but merge last in sentencepiece:
+    `encode("  Hello")` is [259, 15043] ('▁▁','▁Hello', llama.cpp issue #2721) and ",  two" is '▁','▁two',
+    which needs "▁▁" to score below every word piece. So here they move right after the byte pieces with
+    score -1e9 (ids no longer follow scores); sentencepiece's trainer options cannot produce this
+    (`user_defined_symbols` would make them user-defined pieces, matched whole and never merged).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm_model_bytes())
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    pieces = [sentencepiece_model_pb2.ModelProto.SentencePiece() for _ in proto.pieces]
+    for new, old in zip(pieces, proto.pieces, strict=True):
+        new.CopyFrom(old)
+    spaces = [p for p in pieces if p.type == normal and len(p.piece) > 1 and set(p.piece) == {"▁"}]
+    for p in spaces:
+        p.score = WHITESPACE_SCORE
+    others = [p for p in pieces if p not in spaces]
+    first = next(i for i, p in enumerate(others) if p.type == normal)
+    del proto.pieces[:]
+    proto.pieces.extend(others[:first] + spaces + others[first:])
+    return proto.SerializeToString()
+
+
+def space_run_texts(longest: int = 40) -> list[str]:
+    """Runs of 1..`longest` spaces at the start, between words, before punctuation, digits, tabs, newlines,
+    non-Latin text and emoji, and at the end."""
+    contexts = ("{}", "a{}b", ",{}two", "x{}", "\t{}\t", "{}\n{}", "12{}34", "你好{}世界", "🦙{}🙂")
+    return [c.replace("{}", " " * n) for n in range(1, longest + 1) for c in contexts]
+
+
 # Llama-2's published tokenizer settings (meta-llama/Llama-2-7b-chat-hf tokenizer_config.json,
 # special_tokens_map.json): sentencepiece's <s>/</s>/<unk>, bos added, legacy false, no pad token.
 def _added(content: str) -> dict:
@@ -108,11 +147,11 @@ LLAMA2_SPECIAL_TOKENS_MAP = {
 }
 
 
-def write_meta_tokenizer(folder: Path) -> Path:
-    """tokenizer.model as in Meta's download (beside the model folders)."""
+def write_meta_tokenizer(folder: Path, model_bytes: bytes | None = None) -> Path:
+    """tokenizer.model as in Meta's download (beside the model folders); `spm_model_bytes()` by default."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tokenizer.model"
-    path.write_bytes(spm_model_bytes())
+    path.write_bytes(spm_model_bytes() if model_bytes is None else model_bytes)
     return path
 
 

@@ -412,3 +412,110 @@ def test_memory_stays_near_one_output_shard(meta_dirs, spm_file, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     peak = float(run.stdout.split()[-1])
     assert size > 75 and peak < 40, f"peak {peak:.1f} MiB above the start for {size:.0f} MiB of weights"
+
+
+# ------------------------------------------------------------------ Llama's whitespace pieces (issue 12, item 2)
+
+
+@pytest.fixture(scope="module")
+def llama_layout_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8,000-piece LLaMA-style model with Meta's layout: space pieces at ids 259.., score -1e9."""
+    import llama_spm
+
+    if not llama_spm.ALPACA_FILE.is_file():
+        pytest.skip(f"{llama_spm.ALPACA_FILE} not found (the model is trained on its texts)")
+    return llama_spm.write_meta_tokenizer(
+        tmp_path_factory.mktemp("llama-layout"), llama_spm.llama_layout_bytes()
+    )
+
+
+def test_llama_layout_model_has_meta_whitespace_pieces(llama_layout_model):
+    sp = _sp(llama_layout_model)
+    assert (sp.id_to_piece(258), sp.id_to_piece(259), sp.get_score(259)) == ("<0xFF>", "▁▁", -1e9)
+    lengths = [len(sp.id_to_piece(i)) for i in range(259, 300) if set(sp.id_to_piece(i)) == {"▁"}]
+    assert 16 in lengths and len(lengths) >= 8
+    # what real Llama-2 gives (issue 12): the word piece is formed first, the space run last
+    assert sp.encode(",  two", out_type=str) == ["▁", ",", "▁", "▁two"]
+
+
+def test_id_ordered_merges_are_not_sentencepiece(llama_layout_model):
+    """transformers' own conversion ranks merges by id: on Llama's layout it joins "▁▁" first."""
+    from transformers import LlamaTokenizer
+
+    tok = LlamaTokenizer(**LlamaTokenizer.convert_to_native_format(vocab_file=str(llama_layout_model)))
+    pieces = tok.convert_ids_to_tokens(tok(",  two", add_special_tokens=False)["input_ids"])
+    assert "▁▁" in pieces and pieces != _sp(llama_layout_model).encode(",  two", out_type=str)
+
+
+def test_converter_tokenizer_gives_sentencepiece_ids_with_space_pieces(llama_layout_model):
+    import llama_spm
+
+    from chatkit.convert.meta_llama import build_tokenizer
+
+    tok = build_tokenizer(llama_layout_model, 4096)  # its self-check runs TOKENIZER_PROBES
+    sp = _sp(llama_layout_model)
+    texts = [
+        t for row in llama_spm.alpaca_rows() for t in (row["instruction"], row["input"], row["output"]) if t
+    ]
+    texts += llama_spm.WHITESPACE_TEXTS + llama_spm.space_run_texts() + ["", " ", "\n", "\t", "🦙"]
+    assert len(texts) > 1000
+    bad = [t for t in texts if tok(t)["input_ids"] != [sp.bos_id(), *sp.encode(t)]]
+    assert not bad, f"{len(bad)} texts differ, e.g. {bad[:3]}"
+    assert tok.convert_ids_to_tokens(tok(",  two")["input_ids"]) == ["<s>", "▁", ",", "▁", "▁two"]
+
+
+def test_probes_cover_space_runs_tabs_digits_scripts_emoji():
+    from chatkit.convert.meta_llama import TOKENIZER_PROBES
+
+    joined = "".join(TOKENIZER_PROBES)
+    assert " " * 17 in joined and "\t\t" in joined and "\n\n" in joined and "12345" in joined
+    assert all(s in joined for s in ("你好", "Привет", "مرحبا", "🦙", "👩\u200d💻"))
+
+
+@pytest.mark.slow
+def test_script_accepts_a_tokenizer_with_space_pieces(llama_layout_model, tmp_path):
+    """tools/convert_llama_weights_to_hf.py on a Meta folder whose tokenizer has Llama's space pieces."""
+    from transformers import AutoTokenizer
+
+    vocab = _sp(llama_layout_model).get_piece_size()
+    model = _tiny_llama(vocab, HEADS, 192)
+    src = _write_meta(
+        tmp_path / "7B", _params(None, None), _meta_shards(model, HEADS, 1, torch.float32), None
+    )
+    cmd = [sys.executable, "tools/convert_llama_weights_to_hf.py", "--input-dir", str(src), "--out",
+           str(tmp_path / "hf"), "--llama-version", "2", "--tokenizer", str(llama_layout_model)]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sp = _sp(llama_layout_model)
+    for text in (",  two", "def f(x):\n    return  x", " " * 40 + "end"):
+        assert tok(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)], text
+
+
+def test_converter_tokenizer_gives_meta_ids_on_rendered_llama2_text(llama_layout_model):
+    """chatkit's llama2 text through the converted tokenizer gives the ids of Meta's chat_completion
+    (llama/generation.py: every exchange encoded on its own between <s>/</s>), on multi-turn
+    conversations with and without a system prompt and with runs of spaces in the messages."""
+    import llama_spm
+
+    from chatkit.conversation import Message
+    from chatkit.convert.meta_llama import build_tokenizer
+    from chatkit.templates import get_template
+
+    tok = build_tokenizer(llama_layout_model, 4096)
+    sp = _sp(llama_layout_model)
+    tpl = get_template("llama2")
+    rows = llama_spm.alpaca_rows()[:30]
+    texts = [r["instruction"] + ("\n\n" + r["input"] if r["input"] else "") for r in rows]
+    outs = [r["output"] for r in rows] + llama_spm.WHITESPACE_TEXTS
+    convs = []
+    for i in range(0, len(rows), 3):
+        turns = [m for q, a in zip(texts[i : i + 3], outs[i : i + 3], strict=True) for m in (Message("user", q),
+                 Message("assistant", a))]  # fmt: skip
+        convs += [turns, [Message("system", "Be brief.  Use  two spaces."), *turns]]
+    ws = llama_spm.WHITESPACE_TEXTS
+    convs.append([m for t in ws for m in (Message("user", t), Message("assistant", t))])
+    for msgs in convs:
+        for gen in (False, True):
+            text = tpl.render(msgs if not gen else msgs[:-1], "</s>", "<s>", add_generation_prompt=gen)
+            assert tok(text, add_special_tokens=False).input_ids == llama_spm.sp_encode_pieces(sp, text), text

@@ -63,6 +63,12 @@ TOKENIZER_PROBES = (
     "  two leading spaces,  two inner\tand a tab\nnew line",
     "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nNumbers 12345 and 3.14 [/INST]",
     "unicode: café naïve 🦙",
+    # runs of 1-20 and 33 spaces after digits, words and punctuation (code, tables: Llama has pieces of 2-16)
+    "".join(f"{i}" + " " * i for i in range(1, 21)) + "a" + " " * 33 + "b,  two   three.    ",
+    "def f(x):\n    return x  # two  spaces\n        deeper\n\tand\t\ttabs \t mixed\n\n\n  ",
+    "| name  | value   |\n|-------|---------|\n| a     | 12345   |\n| bb    |   7     |",
+    "Dates 2023-05-27, pi 3.14159, 1,000,000 and 0x1F; 你好，世界  Привет мир  مرحبا  नमस्ते  日本語",
+    "emoji 👋🙂🦙🇺🇸👩‍💻 and rare ꙮ ᚠ 𓀀 (byte fallback)",
 )
 
 
@@ -328,11 +334,12 @@ def build_tokenizer(model_file: str | Path, model_max_length: int, chat_template
     specials = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id())}
     if sp.unk_id() >= 0:
         specials["unk_token"] = sp.id_to_piece(sp.unk_id())
-    # transformers extracts the BPE vocab and merges from the .model file and sets the decoder and the
-    # bos post-processor; only the front end is replaced by sentencepiece's own (legacy) behaviour.
+    # transformers sets the decoder and the bos post-processor; the BPE model is rebuilt with sentencepiece's
+    # merge priority (`_bpe_model`) and the front end is replaced by sentencepiece's own (legacy) behaviour.
     kwargs = LlamaTokenizer.convert_to_native_format(vocab_file=str(model_file))
     base = LlamaTokenizer(**{**kwargs, **specials, "add_bos_token": True, "add_eos_token": False})
     backend = copy.deepcopy(base.backend_tokenizer)
+    backend.model = _bpe_model(model_file, sp)
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
     tok = PreTrainedTokenizerFast(
@@ -340,6 +347,48 @@ def build_tokenizer(model_file: str | Path, model_max_length: int, chat_template
     )
     _check_tokenizer(tok, sp, model_file)
     return tok
+
+
+def bpe_merges(pieces: list[tuple[str, float, bool]]) -> list[tuple[str, str]]:
+    """BPE merges in sentencepiece's priority order, from (piece, score, is_normal) listed by id.
+
+    sentencepiece's BPE encoder repeatedly joins the adjacent pair whose joined piece has the highest score
+    (the leftmost such pair on a tie); only normal pieces are ever formed. transformers' converter ranks merges
+    by piece id instead, which is the same order only where ids follow scores: Llama's whitespace-only pieces
+    ("▁▁" is id 259) come early in id order with the lowest score (-1e9), so that ranking joins "▁▁" before
+    "▁two" where sentencepiece does the opposite (",  two": '▁▁','two' instead of '▁','▁two').
+    Here every split of a normal piece into two normal pieces is a merge, ranked by the joined piece's score,
+    then by the longer left part (on equal scores sentencepiece grows the leftmost symbol first: a run of
+    spaces becomes "▁"*16 chunks from the left, as with Llama's sixteen space pieces), then by id.
+    Equal scores are the one case merge ranks cannot always copy; `_check_tokenizer` refuses a result
+    that differs on its probes.
+    """
+    normal = {piece: (score, i) for i, (piece, score, is_normal) in enumerate(pieces) if is_normal}
+    ranked = []
+    for piece, (score, i) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, -len(left), i, left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def _bpe_model(model_file: Path, sp):
+    """The tokenizers BPE model for `model_file`: sentencepiece's ids, merges in its score order."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers.models import BPE
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    pieces = [(p.piece, p.score, p.type == normal) for p in proto.pieces]
+    return BPE(
+        vocab={piece: i for i, (piece, _, _) in enumerate(pieces)},
+        merges=bpe_merges(pieces),
+        unk_token=sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
+        fuse_unk=True,
+        byte_fallback=proto.trainer_spec.byte_fallback,
+    )
 
 
 def _check_tokenizer(tok, sp, model_file: Path) -> None:
