@@ -502,6 +502,8 @@ def test_greedy_text_matches_hf_generate_longer(tiny_engine: ChatEngine):
     eos = [i for i, t in enumerate(ref) if t in tiny_engine.eos_ids]
     ref = ref[: eos[0]] if eos else ref
     text = tiny_engine.tokenizer.decode(ref)
+    if not eos:  # cut by max_new_tokens: the engine drops a last character whose bytes are incomplete
+        text = text.rstrip("\ufffd")
     reply = tiny_engine.reply(msgs, GenerationParams(max_new_tokens=n, sample=False))
     if STOP in text:
         assert reply == OCK.reply_text(text[: text.index(STOP)].rstrip())

@@ -35,8 +35,12 @@ def test_openchatkit_single_turn():
 
 def test_openchatkit_multi_turn():
     text = OCK.render([U("Hello"), A("Hi there!"), U("How are you?"), A("Fine.")], EOS)
-    # a past reply is followed by "\n" only, as in OIG and OpenChatKit's prompt
-    assert text == "<human>: Hello\n<bot>: Hi there!\n<human>: How are you?\n<bot>: Fine.<|endoftext|>"
+    # every reply ends with its trained eos (a deliberate difference from OIG's text: chatkit trains
+    # replies only, so the stop signal must belong to the reply); nothing follows the final eos
+    assert (
+        text
+        == "<human>: Hello\n<bot>: Hi there!<|endoftext|>\n<human>: How are you?\n<bot>: Fine.<|endoftext|>"
+    )
 
 
 def test_openchatkit_with_system_message():
@@ -48,7 +52,7 @@ def test_openchatkit_generation_prompt():
     text = OCK.render([U("Hello")], EOS, add_generation_prompt=True)
     assert text == "<human>: Hello\n<bot>:"
     text = OCK.render([U("Hello"), A("Hi."), U("Again")], EOS, add_generation_prompt=True)
-    assert text == "<human>: Hello\n<bot>: Hi.\n<human>: Again\n<bot>:"
+    assert text == "<human>: Hello\n<bot>: Hi.<|endoftext|>\n<human>: Again\n<bot>:"
     assert text.endswith("<bot>:")
     # without the flag there is no trailing prompt
     assert not OCK.render([U("Hello")], EOS).endswith("<bot>:")
@@ -66,7 +70,7 @@ def test_openchatkit_segments_and_flags():
         Segment("sys\n", False),
         Segment("<human>: q\n", True),
         Segment("<bot>:", False),
-        Segment(" a", True),
+        Segment(" a<|endoftext|>", True),
         Segment("\n", False),
         Segment("<human>: r\n", False),
         Segment("<bot>:", False),

@@ -33,10 +33,10 @@ TWO_TURNS = [
 
 def test_encode_two_turn_conversation_literal(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
-    # "<human>: hi there\n" "<bot>:" " hello" "\n" "<human>: how are you\n" "<bot>:" " fine thanks<eos>"
-    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1]
-    assert enc.labels == [X, X, X, X, X, 8, X, X, X, X, X, X, X, 12, 13, 1]
-    assert enc.num_trained == 4
+    # "<human>: hi there\n" "<bot>:" " hello<eos>" "\n" "<human>: how are you\n" "<bot>:" " fine thanks<eos>"
+    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1]
+    assert enc.labels == [X, X, X, X, X, 8, 1, X, X, X, X, X, X, X, 12, 13, 1]
+    assert enc.num_trained == 5
 
 
 def test_encode_with_system_literal(wordlevel_tokenizer):
@@ -47,15 +47,15 @@ def test_encode_with_system_literal(wordlevel_tokenizer):
     assert enc.num_trained == 2
 
 
-def test_eos_trained_after_the_final_reply_only_and_separator_not(wordlevel_tokenizer):
+def test_eos_trained_after_every_reply_and_separator_not(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
     eos_id = wordlevel_tokenizer.eos_token_id
-    # openchatkit: past replies end with "\n" as in OIG; the conversation's final reply with the eos
+    # openchatkit: every reply ends with its trained eos; nothing follows the row's final one
     eos_positions = [i for i, t in enumerate(enc.input_ids) if t == eos_id]
-    assert eos_positions == [len(enc.input_ids) - 1]
-    assert enc.labels[-1] == eos_id
+    assert eos_positions == [6, len(enc.input_ids) - 1]
+    assert all(enc.labels[i] == eos_id for i in eos_positions)
     # the "\n" separator after the past reply is not trained
-    assert enc.input_ids[5:7] == [8, 5] and enc.labels[5:7] == [8, IGNORE_INDEX]
+    assert enc.input_ids[5:8] == [8, 1, 5] and enc.labels[5:8] == [8, 1, IGNORE_INDEX]
 
 
 def test_train_overrides(wordlevel_tokenizer):
@@ -79,7 +79,7 @@ def test_encode_prompt_literal_and_matches_conversation(wordlevel_tokenizer):
     assert encode_prompt(tok, OCK, [Message("user", "hi there")]) == [3, 6, 7, 5, 4]
     history = TWO_TURNS[:3]
     prompt = encode_prompt(tok, OCK, history)
-    assert prompt == [3, 6, 7, 5, 4, 8, 5, 3, 9, 10, 11, 5, 4]
+    assert prompt == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4]
     assert prompt[-1:] == [4]  # ids of "<bot>:"
     assert prompt == encode_conversation(tok, OCK, history).input_ids + [4]
     # also after a finished assistant turn
@@ -158,8 +158,9 @@ def test_segmentwise_tokens_equal_whole_string_tokens_alpaca(neox_tokenizer, sha
         enc = encode_conversation(tok, OCK, msgs)
         whole = tok.encode(OCK.render(msgs, eos, bos), add_special_tokens=False)
         assert enc.input_ids == whole
-        # the final reply's eos, the only one (past replies end with "\n", as in OIG)
-        assert enc.labels.count(tok.eos_token_id) == 1 and enc.labels[-1] == tok.eos_token_id
+        # every reply's eos is trained, and the row ends with the last one
+        replies = sum(m.role == "assistant" for m in msgs)
+        assert enc.labels.count(tok.eos_token_id) == replies and enc.labels[-1] == tok.eos_token_id
         total_trained += enc.num_trained
         # the inference prompt for the history before the last reply
         history = msgs[:-1]

@@ -200,20 +200,21 @@ def _jinja_piece(piece: str, content: str = _CONTENT) -> str:
     return " ~ ".join(exprs) if exprs else '""'
 
 
-# OpenChatKit (Together): "<human>: ...\n<bot>: ...\n<human>: ...\n<bot>:" as OIG's training texts
-# (LAION-AI/Open-Instruction-Generalist) and OpenChatKit's bot (togethercomputer/OpenChatKit
-# inference/conversation.py: push_model_response appends `<bot>: {response}\n`, with no eos) have
-# it: past replies in a chat history are followed by "\n" only. The stop signal is trained where the
-# origin had it, at the end of a training document: only a conversation's final reply ends with the eos
-# token (`last_assistant`), and nothing follows it. "<human>:" stays a stop string, as OpenChatKit's
-# bot.py used it, for a model that runs on into a fake next turn.
+# OpenChatKit (Together): "<human>: ...\n<bot>: ...\n<human>: ...\n<bot>:" is the text of OIG's training
+# documents (LAION-AI/Open-Instruction-Generalist) and of OpenChatKit's bot (togethercomputer/OpenChatKit
+# inference/conversation.py: push_model_response appends `<bot>: {response}\n`, with no eos). chatkit
+# trains only the replies, so each reply's stop signal must be a trained token of the reply: every
+# reply ends with the eos, in training and in the chat history alike (a deliberate, tested difference
+# from OpenChatKit's history, which has none: a model trained here stops on its eos at every turn).
+# Leaving the eos out of past replies was tried and broke multi-turn chat: with no trained stop after
+# an intermediate reply the demo model ran on past it. Nothing follows a row's final eos.
+# "<human>:" stays a stop string, as OpenChatKit's bot.py used it.
 OPENCHATKIT = ChatTemplate(
     name="openchatkit",
     system="{content}\n",
     user="<human>: {content}\n",
     assistant_prefix="<bot>:",
-    assistant=" {content}",
-    last_assistant=" {content}{eos}",
+    assistant=" {content}{eos}",
     separator="\n",
     separator_after_last=False,
     stop_strings=("<human>:",),
