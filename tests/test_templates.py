@@ -29,23 +29,19 @@ def S(text: str) -> Message:
 
 def test_openchatkit_single_turn():
     text = OCK.render([U("Hello"), A("Hi there!")], EOS)
-    # the final reply ends with the (trained) eos and nothing after it
-    assert text == "<human>: Hello\n<bot>: Hi there!<|endoftext|>"
+    assert text == "<human>: Hello\n<bot>: Hi there!<|endoftext|>\n"
 
 
 def test_openchatkit_multi_turn():
     text = OCK.render([U("Hello"), A("Hi there!"), U("How are you?"), A("Fine.")], EOS)
-    # every reply ends with its trained eos (a deliberate difference from OIG's text: chatkit trains
-    # replies only, so the stop signal must belong to the reply); nothing follows the final eos
-    assert (
-        text
-        == "<human>: Hello\n<bot>: Hi there!<|endoftext|>\n<human>: How are you?\n<bot>: Fine.<|endoftext|>"
+    assert text == (
+        "<human>: Hello\n<bot>: Hi there!<|endoftext|>\n<human>: How are you?\n<bot>: Fine.<|endoftext|>\n"
     )
 
 
 def test_openchatkit_with_system_message():
     text = OCK.render([S("You are a helpful bot."), U("Hello"), A("Hi.")], EOS)
-    assert text == "You are a helpful bot.\n<human>: Hello\n<bot>: Hi.<|endoftext|>"
+    assert text == "You are a helpful bot.\n<human>: Hello\n<bot>: Hi.<|endoftext|>\n"
 
 
 def test_openchatkit_generation_prompt():
@@ -61,7 +57,7 @@ def test_openchatkit_generation_prompt():
 def test_placeholders_in_content_are_not_substituted():
     msgs = [S("sys {eos}"), U("use {content} and {eos} and {bos}"), A("{bos}{content}{eos}")]
     text = OCK.render(msgs, "<E>", "<B>")
-    assert text == "sys {eos}\n<human>: use {content} and {eos} and {bos}\n<bot>: {bos}{content}{eos}<E>"
+    assert text == "sys {eos}\n<human>: use {content} and {eos} and {bos}\n<bot>: {bos}{content}{eos}<E>\n"
 
 
 def test_openchatkit_segments_and_flags():
@@ -75,6 +71,7 @@ def test_openchatkit_segments_and_flags():
         Segment("<human>: r\n", False),
         Segment("<bot>:", False),
         Segment(" b<|endoftext|>", False),
+        Segment("\n", False),
     ]
     gen = OCK.segments([U("q")], EOS, add_generation_prompt=True)
     assert gen == [Segment("<human>: q\n", False), Segment("<bot>:", False)]

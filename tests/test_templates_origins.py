@@ -759,15 +759,15 @@ def test_openchatkit_training_row_is_oig_text_with_every_reply_ending_in_eos():
     msgs = [U("q1"), A("a1"), U("q2"), A("a2")]
     segs = OCK.segments(msgs, "<|endoftext|>")
     assert "".join(s.text for s in segs) == (
-        "<human>: q1\n<bot>: a1<|endoftext|>\n<human>: q2\n<bot>: a2<|endoftext|>"
+        "<human>: q1\n<bot>: a1<|endoftext|>\n<human>: q2\n<bot>: a2<|endoftext|>\n"
     )
     assert [s.text for s in segs if s.trained] == [" a1<|endoftext|>", " a2<|endoftext|>"]
 
 
-def test_openchatkit_every_eos_token_is_trained_and_the_row_ends_with_one(neox_tokenizer):
+def test_openchatkit_every_eos_token_is_trained(neox_tokenizer):
     enc = encode_conversation(neox_tokenizer, OCK, [U("q1"), A("a1"), U("q2"), A("a2")])
     eos = neox_tokenizer.eos_token_id
-    assert enc.input_ids.count(eos) == 2 and enc.input_ids[-1] == eos
+    assert enc.input_ids.count(eos) == 2 and enc.input_ids[-2] == eos and enc.labels[-1] == IGNORE_INDEX
     assert all(label == eos for t, label in zip(enc.input_ids, enc.labels, strict=True) if t == eos)
 
 

@@ -33,36 +33,38 @@ TWO_TURNS = [
 
 def test_encode_two_turn_conversation_literal(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
-    # "<human>: hi there\n" "<bot>:" " hello<eos>" "\n" "<human>: how are you\n" "<bot>:" " fine thanks<eos>"
-    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1]
-    assert enc.labels == [X, X, X, X, X, 8, 1, X, X, X, X, X, X, X, 12, 13, 1]
+    # "<human>: hi there\n" "<bot>:" " hello<eos>" "\n" "<human>: how are you\n" "<bot>:" " fine thanks<eos>" "\n"
+    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1, 5]
+    assert enc.labels == [X, X, X, X, X, 8, 1, X, X, X, X, X, X, X, 12, 13, 1, X]
     assert enc.num_trained == 5
 
 
 def test_encode_with_system_literal(wordlevel_tokenizer):
     msgs = [Message("system", "be brief"), *TWO_TURNS[:2]]
     enc = encode_conversation(wordlevel_tokenizer, OCK, msgs)
-    assert enc.input_ids == [14, 15, 5, 3, 6, 7, 5, 4, 8, 1]
-    assert enc.labels == [X, X, X, X, X, X, X, X, 8, 1]
+    assert enc.input_ids == [14, 15, 5, 3, 6, 7, 5, 4, 8, 1, 5]
+    assert enc.labels == [X, X, X, X, X, X, X, X, 8, 1, X]
     assert enc.num_trained == 2
 
 
-def test_eos_trained_after_every_reply_and_separator_not(wordlevel_tokenizer):
+def test_eos_trained_at_end_of_each_assistant_turn_and_separator_not(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
     eos_id = wordlevel_tokenizer.eos_token_id
-    # openchatkit: every reply ends with its trained eos; nothing follows the row's final one
     eos_positions = [i for i, t in enumerate(enc.input_ids) if t == eos_id]
-    assert eos_positions == [6, len(enc.input_ids) - 1]
-    assert all(enc.labels[i] == eos_id for i in eos_positions)
-    # the "\n" separator after the past reply is not trained
-    assert enc.input_ids[5:8] == [8, 1, 5] and enc.labels[5:8] == [8, 1, IGNORE_INDEX]
+    assert eos_positions == [6, 16]  # one per assistant turn
+    for i in eos_positions:
+        assert enc.labels[i] == eos_id
+        # the "\n" separator that follows the stop is never trained
+        assert enc.input_ids[i + 1] == 5
+        assert enc.labels[i + 1] == IGNORE_INDEX
+    assert [i for i, lab in enumerate(enc.labels) if lab == eos_id] == eos_positions
 
 
 def test_train_overrides(wordlevel_tokenizer):
     msgs = [Message("user", "hi", train=True), Message("assistant", "hello", train=False)]
     enc = encode_conversation(wordlevel_tokenizer, OCK, msgs)
-    assert enc.input_ids == [3, 6, 5, 4, 8, 1]
-    assert enc.labels == [3, 6, 5, X, X, X]
+    assert enc.input_ids == [3, 6, 5, 4, 8, 1, 5]
+    assert enc.labels == [3, 6, 5, X, X, X, X]
     assert enc.num_trained == 3
 
 
@@ -158,9 +160,8 @@ def test_segmentwise_tokens_equal_whole_string_tokens_alpaca(neox_tokenizer, sha
         enc = encode_conversation(tok, OCK, msgs)
         whole = tok.encode(OCK.render(msgs, eos, bos), add_special_tokens=False)
         assert enc.input_ids == whole
-        # every reply's eos is trained, and the row ends with the last one
-        replies = sum(m.role == "assistant" for m in msgs)
-        assert enc.labels.count(tok.eos_token_id) == replies and enc.labels[-1] == tok.eos_token_id
+        n_assistant = sum(m.role == "assistant" for m in msgs)
+        assert enc.labels.count(tok.eos_token_id) == n_assistant
         total_trained += enc.num_trained
         # the inference prompt for the history before the last reply
         history = msgs[:-1]
@@ -173,9 +174,9 @@ def test_segmentwise_tokens_equal_whole_string_tokens_alpaca(neox_tokenizer, sha
 
 def test_neox_known_ids(neox_tokenizer):
     enc = encode_conversation(neox_tokenizer, OCK, [Message("user", "hi"), Message("assistant", "yo")])
-    # <, human, >:, Ġhi, Ċ | <, bot, >: | Ġyo, <|endoftext|>
-    assert enc.input_ids == [29, 13961, 32056, 14260, 187, 29, 12042, 32056, 26352, 0]
-    assert enc.labels == [X, X, X, X, X, X, X, X, 26352, 0]
+    # <, human, >:, Ġhi, Ċ | <, bot, >: | Ġyo, <|endoftext|> | Ċ
+    assert enc.input_ids == [29, 13961, 32056, 14260, 187, 29, 12042, 32056, 26352, 0, 187]
+    assert enc.labels == [X, X, X, X, X, X, X, X, 26352, 0, X]
 
 
 @pytest.mark.parametrize(
