@@ -25,3 +25,4 @@ step "4/5 exporting to Hugging Face format"
 
 step "5/5 answering the held-out conversations through the chat engine"
 "$PY" tools/evaluate.py --model "$OUT/hf" --data "$OUT/heldout.jsonl" --predictions "$OUT/predictions.jsonl"
+echo "chat with it: $PY inference/bot.py --model $OUT/hf   (or serve it: $PY inference/serve.py --model $OUT/hf)"
