@@ -45,18 +45,18 @@ def main() -> None:
     args = p.parse_args()
     if args.reference and not args.pairs:
         p.error("--reference needs --pairs")
+    engine = load_engine(args.model, args.device)  # a bad --model path is the first thing said
     data = args.pairs or args.data
     if not Path(data).is_file():
         sys.exit(f"error: {data}: no such file")
     try:
-        run(args)
+        run(args, engine)
     except (ConversationError, ValueError) as e:  # a bad line names its file, line and field
         sys.exit(f"error: {e}")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, engine: ChatEngine) -> None:
     """Evaluate as the arguments say; bad data raises ConversationError (file:line: field)."""
-    engine = load_engine(args.model, args.device)
     if args.pairs:
         reference = load_engine(args.reference, args.device) if args.reference else None
         res = evaluate_preferences(engine, args.pairs, reference, args.beta)

@@ -55,6 +55,16 @@ def main() -> None:
         )
         sys.exit(1)
     shutdown_distributed()
+    # Skip interpreter teardown once the run is complete and the group is left: C++ threads (gloo's,
+    # DeepSpeed's) destroyed in whatever order Python's teardown picks now and then abort a rank
+    # ("terminate called without an active exception", exit 250) after a run that finished and saved,
+    # and the launcher would report the whole run as failed.
+    from loguru import logger
+
+    logger.remove()  # closes (and flushes) train.log
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
