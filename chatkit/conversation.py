@@ -199,25 +199,28 @@ def decode_line(raw: bytes, where: str, first: bool = False) -> str:
         ) from None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[Conversation]:
-    """Yield validated conversations, reading line by line; stop at the first bad line with its file
-    and line number (bad bytes, bad JSON or a broken schema)."""
+def _text_lines(path: str | Path) -> Iterator[tuple[str, str]]:
+    """(line, "file:line") for every non-blank line, decoded as UTF-8 (a bad byte is an error naming
+    its file, line and column)."""
     path = Path(path)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             line = decode_line(raw, f"{path}:{lineno}", lineno == 1)
             if line.strip():
-                yield parse_line(line, f"{path}:{lineno}")
+                yield line, f"{path}:{lineno}"
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Conversation]:
+    """Yield validated conversations, reading line by line; stop at the first bad line with its file
+    and line number (bad bytes, bad JSON or a broken schema)."""
+    for line, where in _text_lines(path):
+        yield parse_line(line, where)
 
 
 def iter_preferences(path: str | Path) -> Iterator[Preference]:
     """Yield validated preference records line by line; stop at the first bad one (file:line, field)."""
-    path = Path(path)
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = decode_line(raw, f"{path}:{lineno}", lineno == 1)
-            if line.strip():
-                yield parse_preference_line(line, f"{path}:{lineno}")
+    for line, where in _text_lines(path):
+        yield parse_preference_line(line, where)
 
 
 def read_jsonl(path: str | Path) -> list[Conversation]:
