@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.chatkit-installed
 TORCH_INDEX ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo demo-dpo test test-fast test-gpu bench lint format clean
+.PHONY: install demo demo-dpo test test-fast test-gpu gpu-check bench lint format clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test-fast: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu tests
+
+# On a machine with a GPU: environment, the gpu tier, every recipe's tiny variant in fp16/bf16 with
+# resume and export, a 2-GPU pipeline, attention and decode figures (bench/gpu_check.sh says more).
+gpu-check: install
+	bash bench/gpu_check.sh
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -156,9 +157,16 @@ class ChatShell:
             self.history.pop()
             self._print("(stopped before the reply began)")
             return ""
+        self._show_tool_calls(reply)
         self.history.append(Message("assistant", reply))
         self._answered = (list(self.history), kept, left_out)
         return reply
+
+    def _show_tool_calls(self, reply: str) -> None:
+        """A line per tool call the reply makes, in the template's markup (the shell runs no tools: the
+        call stays in the history as the model wrote it)."""
+        for call in self.engine.template.parse_reply(reply).tool_calls:
+            self._print(f"[tool call] {call.name}({json.dumps(call.arguments, ensure_ascii=False)})")
 
     def _emit(self, pieces_iter) -> str:
         """Print a stream of pieces (or the whole text at the end); Ctrl-C stops it, keeping the text."""

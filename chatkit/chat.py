@@ -20,7 +20,7 @@ import torch
 from chatkit.conversation import Message
 from chatkit.io import read_meta
 from chatkit.quiet import no_progress_bars
-from chatkit.templates import ChatTemplate, get_template
+from chatkit.templates import ChatTemplate, Tools, get_template
 from chatkit.tokenization import encode_prompt, special_tokens
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -356,24 +356,43 @@ class ChatEngine:
         device_mapped = max_memory is not None or quantize is not None
         return cls(model, tokenizer, get_template(name, tokenizer), None if device_mapped else dev)
 
-    def prompt_ids(self, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
-        """Encode the prompt, dropping the oldest whole turns (never the system prompt) to fit."""
-        return self._fit(messages, max_new_tokens)[1]
+    def prompt_ids(
+        self,
+        messages: Sequence[Message],
+        max_new_tokens: int,
+        *,
+        tools: Tools | None = None,
+        thinking: bool | None = None,
+    ) -> list[int]:
+        """Encode the prompt, dropping the oldest whole turns (never the system prompt) to fit.
 
-    def prompt_messages(self, messages: Sequence[Message], max_new_tokens: int) -> list[Message]:
+        `tools` (OpenAI function schemas) and `thinking` go to the template as `encode_prompt` says;
+        the same two keywords mean the same on every method below."""
+        return self._fit(messages, max_new_tokens, tools, thinking)[1]
+
+    def prompt_messages(
+        self,
+        messages: Sequence[Message],
+        max_new_tokens: int,
+        *,
+        tools: Tools | None = None,
+        thinking: bool | None = None,
+    ) -> list[Message]:
         """The messages `prompt_ids` keeps: the oldest whole turns dropped (never the system prompt)
         until the prompt plus `max_new_tokens` fits the context; a ValueError when nothing fits.
 
         `len(messages) - len(result)` is how many messages a reply would not see (the shell says so),
         and `raw_prompt(result)` is the text the model is given."""
-        return self._fit(messages, max_new_tokens)[0]
+        return self._fit(messages, max_new_tokens, tools, thinking)[0]
 
-    def _fit(self, messages: Sequence[Message], max_new_tokens: int) -> tuple[list[Message], list[int]]:
+    def _fit(
+        self, messages: Sequence[Message], max_new_tokens: int, tools: Tools | None, thinking: bool | None
+    ) -> tuple[list[Message], list[int]]:
         """(kept messages, their prompt ids): drop the first user turn and the replies after it, keeping
         the system prompt and the last user turn, until the prompt plus `max_new_tokens` fits."""
         msgs = list(messages)
         while True:
-            ids = encode_prompt(self.tokenizer, self.template, msgs)
+            ids = encode_prompt(self.tokenizer, self.template, msgs, tools, thinking)
             if len(ids) + max_new_tokens <= self.context_length:
                 return msgs, ids
             first = 1 if msgs and msgs[0].role == "system" else 0
@@ -385,25 +404,31 @@ class ChatEngine:
                 )
             msgs = msgs[:first] + msgs[nxt:]
 
-    def prompt_length(self, messages: Sequence[Message]) -> int:
+    def prompt_length(
+        self, messages: Sequence[Message], *, tools: Tools | None = None, thinking: bool | None = None
+    ) -> int:
         """Tokens in the whole prompt of `messages`, no turn left out: what `stream` feeds when it fits.
 
         A caller that must refuse a conversation too long for the context (the server answers
         `context_length_exceeded`; it must not trim silently as `prompt_ids` does) measures it here,
         with the engine's own template and tokenization, so the measure and the prompt cannot differ."""
-        return len(encode_prompt(self.tokenizer, self.template, messages))
+        return len(encode_prompt(self.tokenizer, self.template, messages, tools, thinking))
 
     def text_length(self, text: str) -> int:
         """Tokens in raw text as `complete` encodes it (no special tokens), for the same checks."""
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def raw_prompt(self, messages: Sequence[Message]) -> str:
+    def raw_prompt(
+        self, messages: Sequence[Message], *, tools: Tools | None = None, thinking: bool | None = None
+    ) -> str:
         """The text of the prompt `stream` feeds for `messages` (pass `prompt_messages`' result: the
         turns that fit). The generation prompt (e.g. `<bot>:`) ends it only when a user turn awaits
         a reply: rendering a history that ends with a reply adds no text the model is never given."""
         eos, bos = special_tokens(self.tokenizer)
-        awaiting = bool(messages) and messages[-1].role == "user"
-        return self.template.render(messages, eos, bos, add_generation_prompt=awaiting)
+        awaiting = bool(messages) and messages[-1].role in ("user", "tool")
+        return self.template.render(
+            messages, eos, bos, add_generation_prompt=awaiting, tools=tools, thinking=thinking
+        )
 
     def stream(
         self,
@@ -414,13 +439,17 @@ class ChatEngine:
         stop: Sequence[str] = (),
         info: StreamInfo | None = None,
         cancel: threading.Event | None = None,
+        tools: Tools | None = None,
+        thinking: bool | None = None,
     ) -> Iterator[str]:
         """Yield pieces of the reply as they become certain; their concatenation is the reply.
 
         `stop` adds stop strings to the template's; `info` receives token counts and the finish
-        reason; setting `cancel` ends generation after the current token."""
+        reason; setting `cancel` ends generation after the current token. The reply holds the
+        template's markup for reasoning and tool calls as generated: `template.parse_reply` (or a
+        `chatkit.templates.replies.ReplyStream`, piece by piece) reads them out."""
         p = params or GenerationParams()
-        ids = self.prompt_ids(messages, p.max_new_tokens)
+        ids = self.prompt_ids(messages, p.max_new_tokens, tools=tools, thinking=thinking)
         asm = ReplyAssembler(self.tokenizer, self.template, stop)
         return self._decode(ids, asm, p, seed, info, cancel)
 
@@ -444,7 +473,10 @@ class ChatEngine:
             )
         return self._decode(ids, ReplyAssembler(self.tokenizer, None, stop), p, seed, info, cancel)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: training samples replies with the model it trains (ZeRO-3 keeps small
+    # parameters gathered after a forward, and ones gathered in inference mode would be inference
+    # tensors that the next training step cannot save for backward).
+    @torch.no_grad()
     def _decode(
         self,
         ids: list[int],

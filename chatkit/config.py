@@ -91,6 +91,16 @@ class TrainConfig:
     """Conversations over max_length: drop, or truncate by whole turns (both are counted)."""
     pack: bool = True
     """Pack whole conversations into rows of max_length (block-diagonal attention keeps them apart)."""
+    attention: str = "varlen"
+    """Attention implementation (chatkit.train.attention): varlen (default: attention per packed
+    conversation with PyTorch's SDPA, no (T, T) mask, memory linear in max_length on CPU and GPU), sdpa
+    or eager (transformers builds a dense (T, T) mask per row), flex_attention (block-sparse; no
+    backward on CPU), flash_attention_2 (CUDA and the flash-attn package)."""
+    chunked_loss: str = "auto"
+    """Take the loss from the last hidden states chunk by chunk, never forming the (rows x T x vocab)
+    logits (chatkit.train.chunked): auto (where it needs at most half the memory: rows of thousands
+    of tokens), always, or never. Gradients equal the plain loss's; the ZeRO engine only (the pipeline
+    engine's last stage forms logits)."""
     tokenize_procs: int = 0
     """Processes for tokenization (0: one per CPU core, at most 8); at most 256."""
     cache_dir: str = ""
@@ -238,6 +248,12 @@ class TrainConfig:
             errors.append("quantize: a quantized base cannot be trained directly; set lora_r (QLoRA)")
         if self.optim not in ("adamw", "adamw8bit"):
             errors.append(f"optim: must be adamw or adamw8bit, got {self.optim!r}")
+        from chatkit.train.attention import IMPLEMENTATIONS
+
+        if self.chunked_loss not in ("auto", "always", "never"):
+            errors.append(f"chunked_loss: must be one of auto, always, never, got {self.chunked_loss!r}")
+        if self.attention not in IMPLEMENTATIONS:
+            errors.append(f"attention: must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}")
         if (self.lora_r or self.quantize) and self.pipeline_stages > 1:
             errors.append(
                 "pipeline_stages: LoRA and quantized bases train with ZeRO, not the pipeline engine"

@@ -1,13 +1,15 @@
 """Training data: conversation JSONL -> cached token arrays -> weighted mixture -> packed micro-batches.
 
 - Tokenization runs in several processes and is cached on disk under a key made from the source
-  file's bytes, the tokenizer, the template and this code's source, so a second run (and every rank
-  but the first) only loads arrays.
+  file's bytes, the tokenizer, the template and this code's source (chatkit.token_store: memory-mapped
+  columns, so a rank's memory does not grow with the data set). chatkit.launch fills the cache before
+  the ranks start; the ranks only map it.
 - Conversations longer than `max_length` are dropped or truncated by whole turns, as the recipe says;
   every one is counted.
 - A mixture lists files with weights (`path:weight`, OpenChatKit's form); each epoch draws from every
   file in proportion to its weight.
-- Packing puts whole conversations into rows of `max_length` by best fit. Every token carries the id
+- Packing puts whole conversations into rows of `max_length` by best fit, in numpy: an epoch's plan of
+  10M conversations takes seconds and a few hundred MB (`Batches.rows`). Every token carries the id
   of its conversation (segment) and its position within it, and attention is block-diagonal, so no
   packed conversation attends to another: packed and unpacked losses are equal.
 - Preference data (DPO and its relatives) is the same machinery with a pair as the unit: the chosen and
@@ -18,11 +20,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
 import os
-import random
-import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +32,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from loguru import logger
 from tqdm import tqdm
 
 from chatkit.conversation import (
@@ -44,7 +42,10 @@ from chatkit.conversation import (
     parse_line,
     parse_preference_line,
 )
-from chatkit.io import atomic_open, write_json
+from chatkit.io import write_json
+from chatkit.packing import RowPlan, epoch_order, pack_rows
+from chatkit.packing import pack_best_fit as pack_best_fit  # where callers have always found it
+from chatkit.token_store import StoreWriter, open_store, release, source_digest
 from chatkit.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 
 CHUNK = 512  # conversations per worker task
@@ -84,7 +85,8 @@ class TokenizedSet:
     """One file's sequences as flat arrays: sequence i is tokens[offsets[i]:offsets[i+1]].
 
     A conversation file's examples are its sequences. A preference file (`pairs`) stores each pair's
-    chosen and rejected sequences one after the other; its examples are pairs (2 sequences each)."""
+    chosen and rejected sequences one after the other; its examples are pairs (2 sequences each).
+    Loaded from the cache, the arrays are read-only memory maps (chatkit.token_store)."""
 
     tokens: np.ndarray
     trained: np.ndarray
@@ -95,6 +97,8 @@ class TokenizedSet:
     """The cache key (source bytes, tokenizer, template, settings): names derived caches."""
     reference: np.ndarray | None = None
     """Preference sets: (pairs, 2) reference log-probabilities of (chosen, rejected), once computed."""
+    example_lengths: np.ndarray | None = field(default=None, repr=False)
+    """Tokens per example, as the store keeps them; computed from `offsets` when not given."""
 
     def __len__(self) -> int:
         n = len(self.offsets) - 1
@@ -103,13 +107,20 @@ class TokenizedSet:
     @property
     def lengths(self) -> np.ndarray:
         """Tokens per example (a pair's two sequences together: they share a row)."""
-        d = np.diff(self.offsets)
-        return d[0::2] + d[1::2] if self.pairs else d
+        if self.example_lengths is None:
+            d = np.diff(self.offsets).astype(np.int32)
+            self.example_lengths = d[0::2] + d[1::2] if self.pairs else d
+        return self.example_lengths
 
     def sequence(self, i: int) -> Encoded:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        ids = self.tokens[a:b].tolist()
-        return Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, self.trained[a:b], strict=True)])
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = self.tokens[a:b]
+        return Encoded(ids.tolist(), np.where(self.trained[a:b], ids, IGNORE_INDEX).tolist())
+
+    def release(self) -> None:
+        """Unmap the cached columns' pages read so far (chatkit.token_store.release); no-op in memory."""
+        for column in (self.tokens, self.trained, self.offsets, self.example_lengths):
+            release(column)
 
     def example(self, i: int) -> Encoded | Pair:
         if not self.pairs:
@@ -121,25 +132,28 @@ class TokenizedSet:
 # ---------------------------------------------------------------- tokenization
 
 
-def fit_conversation(tokenizer, template, messages: Sequence[Message], max_length: int, overlong: str):
+def fit_conversation(
+    tokenizer, template, messages: Sequence[Message], max_length: int, overlong: str, tools=None
+):
     """Encode; if too long, drop it or keep the longest prefix ending in an assistant turn that fits.
 
     Returns (Encoded or None, outcome) with outcome one of ok, truncated, too_long, untrained,
-    empty_message (a message with no text: almost always a conversion bug upstream).
+    empty_message (a message with no text and no tool call: almost always a conversion bug upstream).
+    `tools` are the conversation's function schemas, rendered by the template.
     """
-    if any(not m.content.strip() for m in messages):
+    if any(m.is_empty for m in messages):
         return None, "empty_message"
     reach = _within_reach(messages, max_length * longest_piece(tokenizer))
     if reach is None or (len(reach) < len(messages) and overlong != "truncate"):
         return None, "too_long"
-    enc = encode_conversation(tokenizer, template, reach)
+    enc = encode_conversation(tokenizer, template, reach, tools)
     outcome = "ok"
     if len(reach) < len(messages) or len(enc.input_ids) > max_length:
         if overlong != "truncate":
             return None, "too_long"
         ends = [i for i, m in enumerate(reach) if m.role == "assistant" and i < len(messages) - 1]
         for end in reversed(ends):
-            enc = encode_conversation(tokenizer, template, reach[: end + 1])
+            enc = encode_conversation(tokenizer, template, reach[: end + 1], tools)
             if len(enc.input_ids) <= max_length:
                 outcome = "truncated"
                 break
@@ -154,7 +168,7 @@ def fit_pair(tokenizer, template, pref: Preference, max_length: int):
     """Encode both replies after the prompt; (Pair or None, outcome). A pair is kept whole or dropped:
     chosen and rejected share a row, so together they must fit in `max_length` (a pair is never cut:
     a shortened prompt would change what the replies answer)."""
-    if any(not m.content.strip() for m in (*pref.prompt, pref.chosen, pref.rejected)):
+    if any(m.is_empty for m in (*pref.prompt, pref.chosen, pref.rejected)):
         return None, "empty_message"
     if pref.chosen.content == pref.rejected.content:
         return None, "identical_replies"  # no preference to learn, and a zero margin forever
@@ -162,7 +176,7 @@ def fit_pair(tokenizer, template, pref: Preference, max_length: int):
     chars = sum(len(m.content) for m in (*chosen, *rejected))
     if chars > max_length * longest_piece(tokenizer):
         return None, "too_long"
-    pair = Pair(*(encode_conversation(tokenizer, template, m) for m in (chosen, rejected)))
+    pair = Pair(*(encode_conversation(tokenizer, template, m, pref.tools) for m in (chosen, rejected)))
     if len(pair.chosen.input_ids) + len(pair.rejected.input_ids) > max_length:
         return None, "too_long"
     if pair.chosen.num_trained == 0 or pair.rejected.num_trained == 0:
@@ -212,7 +226,7 @@ def _encode_line(line: str, where: str) -> tuple[list[Encoded], str]:
         return ([pair.chosen, pair.rejected] if pair else []), outcome
     conv = parse_line(line, where)
     enc, outcome = fit_conversation(
-        w["tokenizer"], w["template"], conv.messages, w["max_length"], w["overlong"]
+        w["tokenizer"], w["template"], conv.messages, w["max_length"], w["overlong"], conv.tools
     )
     return ([enc] if enc else []), outcome
 
@@ -249,67 +263,98 @@ def _chunks(path: str) -> Iterator[tuple[str, int, list[str]]]:
             yield path, first, batch
 
 
-def _fingerprint(path: str, tokenizer, template, max_length: int, overlong: str, pairs: bool = False) -> str:
+def _fingerprint(
+    path: str, tokenizer, template, max_length: int, overlong: str, pairs: bool, cache: Path
+) -> str:
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    h.update(source_digest(path, cache).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     h.update(repr(sorted(tokenizer.all_special_tokens)).encode())
     h.update(f"{template.name}\0{template.chat_template}\0{max_length}\0{overlong}\0{pairs}".encode())
     here = Path(__file__).parent
     templates = sorted((here / "templates").glob("*.py"))
-    for module in (here / "data.py", here / "tokenization.py", *templates, here / "conversation.py"):
+    code = ("data.py", "token_store.py", "tokenization.py", "conversation.py")
+    for module in (*(here / name for name in code), *templates):
         h.update(module.read_bytes())
     return h.hexdigest()
-
-
-def _read_cache(entry: Path) -> TokenizedSet | None:
-    """A cached set, or None when absent or damaged (a truncated file from a full disk or a kill):
-    a damaged entry is removed and the file tokenized again, instead of failing every later run."""
-    if not entry.is_file():
-        return None
-    try:
-        with np.load(entry, allow_pickle=False) as z:
-            stats = json.loads(str(z["stats"]))
-            return TokenizedSet(z["tokens"], z["trained"], z["offsets"], stats)
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        logger.warning(
-            f"{entry}: damaged tokenization cache entry ({type(e).__name__}: {e}); tokenizing again"
-        )
-        entry.unlink(missing_ok=True)
-        return None
 
 
 def _in_workers(chunks: Iterator[tuple[str, int, list[str]]], procs: int, init: tuple):
     """Tokenized chunks in order, from `procs` processes, with at most 2 x procs chunks in flight (the
     file is never read ahead into memory). A worker that dies (the OOM killer) stops the run with a
-    message naming the lines it had; `multiprocessing.Pool` would wait for its result forever."""
+    message naming the lines in flight then; `multiprocessing.Pool` would wait for its result forever.
+    (The pool fails every unfinished chunk alike, so which of them the dead worker had is not known.)"""
     ctx = mp.get_context("fork")
     with ProcessPoolExecutor(procs, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.submit(_tokenize_chunk, chunk)))
-            if len(pending) >= 2 * procs:
-                yield _result(*pending.popleft())
-        while pending:
-            yield _result(*pending.popleft())
+        in_flight: deque = deque()
+        futures: deque = deque()
+        try:
+            for chunk in chunks:
+                in_flight.append(chunk)
+                futures.append(pool.submit(_tokenize_chunk, chunk))
+                if len(futures) >= 2 * procs:
+                    yield _next_result(futures, in_flight)
+            while futures:
+                yield _next_result(futures, in_flight)
+        except BrokenProcessPool:
+            first, last = in_flight[0], in_flight[-1]
+            raise ConversationError(
+                f"{first[0]}:{first[1]}-{last[1] + len(last[2]) - 1}: a tokenizer process died while tokenizing "
+                "these lines (killed by the system, most likely for memory); tokenize_procs=1 shows which row"
+            ) from None
 
 
-def _result(chunk: tuple[str, int, list[str]], future):
-    path, first, lines = chunk
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        raise ConversationError(
-            f"{path}:{first}-{first + len(lines) - 1}: a tokenizer process died while tokenizing these lines "
-            "(killed by the system, most likely for memory); tokenize_procs=1 shows which row"
-        ) from None
+def _next_result(futures: deque, in_flight: deque):
+    result = futures[0].result()
+    futures.popleft()
+    in_flight.popleft()
+    return result
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CHATKIT_CACHE", Path.home() / ".cache" / "chatkit")) / "tokenized"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Where one file's tokenization is cached, and under which key."""
+
+    source: str
+    path: Path
+    key: str
+    pairs: bool
+
+    @classmethod
+    def of(
+        cls,
+        source: str,
+        tokenizer,
+        template,
+        max_length: int,
+        overlong: str = "drop",
+        cache_dir: str | Path | None = None,
+        pairs: bool = False,
+    ) -> CacheEntry:
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        key = _fingerprint(source, tokenizer, template, max_length, overlong, pairs, cache)
+        return cls(source, cache / f"{Path(source).stem}-{key}", key, pairs)
+
+    @property
+    def failed(self) -> Path:
+        """Where a rank that tokenized this file and failed leaves its one-line reason
+        (chatkit.train.data.load_sets: the ranks waiting for the entry read it)."""
+        return self.path.with_name(f"{self.path.name}.failed")
+
+    def load(self) -> TokenizedSet | None:
+        """The cached set, memory-mapped; None when the cache lacks it (or held a damaged copy)."""
+        store = open_store(self.path)
+        if store is None:
+            return None
+        return TokenizedSet(
+            store.tokens, store.trained, store.offsets, store.stats, self.pairs, self.key,
+            example_lengths=store.lengths,
+        )  # fmt: skip
 
 
 def tokenize_file(
@@ -323,43 +368,50 @@ def tokenize_file(
     show_progress: bool = True,
     pairs: bool = False,
 ) -> TokenizedSet:
-    """Tokenize one conversation JSONL file, or with `pairs` one preference file (or load it from the
-    cache)."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = _fingerprint(path, tokenizer, template, max_length, overlong, pairs)
-    entry = cache / f"{Path(path).stem}-{key}.npz"
-    cached = _read_cache(entry)
+    """Tokenize one conversation JSONL file, or with `pairs` one preference file, into the cache (or
+    find it there); the set returned maps the cache's files."""
+    entry = CacheEntry.of(path, tokenizer, template, max_length, overlong, cache_dir, pairs)
+    cached = entry.load()
     if cached is not None:
-        cached.pairs, cached.key = pairs, key
         return cached
-    parts = []
+    write_entry(entry, tokenizer, template, max_length, overlong, num_proc, show_progress)
+    loaded = entry.load()
+    if loaded is None:
+        raise OSError(f"{entry.path}: the tokenization cache entry just written cannot be read back")
+    return loaded
+
+
+def write_entry(
+    entry: CacheEntry,
+    tokenizer,
+    template,
+    max_length: int,
+    overlong: str = "drop",
+    num_proc: int = 1,
+    show_progress: bool = True,
+) -> dict[str, int]:
+    """Tokenize `entry.source` into the cache, a chunk of lines at a time (memory stays at a few
+    chunks whatever the file's size); returns the count of each outcome."""
+    pairs = entry.pairs
     unit = " pair" if pairs else " conv"
-    bar = tqdm(desc=f"tokenize {path}", unit=unit, disable=not show_progress, leave=False)
-    chunks = _chunks(path)
+    bar = tqdm(desc=f"tokenize {entry.source}", unit=unit, disable=not show_progress, leave=False)
+    stats = dict.fromkeys(PAIR_OUTCOMES if pairs else OUTCOMES, 0)
+    chunks = _chunks(entry.source)
     init = (tokenizer, template, max_length, overlong, pairs)
     if num_proc > 1:
-        for part in _in_workers(chunks, num_proc, init):
-            parts.append(part)
-            bar.update(sum(part[3].values()))
+        parts = _in_workers(chunks, num_proc, init)
     else:
         _init_worker(*init)
-        for chunk in chunks:
-            parts.append(_tokenize_chunk(chunk))
-            bar.update(sum(parts[-1][3].values()))
+        parts = map(_tokenize_chunk, chunks)
+    with StoreWriter(entry.path, pairs) as store:
+        for ids, trained, lengths, counts in parts:
+            store.add(ids, trained, lengths)
+            for k, v in counts.items():
+                stats[k] += v
+            bar.update(sum(counts.values()))
+        store.finish(stats)
     bar.close()
-    stats = {k: sum(p[3][k] for p in parts) for k in (PAIR_OUTCOMES if pairs else OUTCOMES)}
-    lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
-    out = TokenizedSet(
-        np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32),
-        np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.bool_),
-        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        stats,
-        pairs,
-        key,
-    )
-    with atomic_open(entry, "wb") as f:
-        np.savez(f, tokens=out.tokens, trained=out.trained, offsets=out.offsets, stats=json.dumps(stats))
-    return out
+    return stats
 
 
 def describe(path: str, s: TokenizedSet, max_length: int) -> str:
@@ -378,87 +430,6 @@ def describe(path: str, s: TokenizedSet, max_length: int) -> str:
 
 
 # ---------------------------------------------------------------- mixing and packing
-
-
-def epoch_order(
-    sizes: Sequence[int], weights: Sequence[float] | None, seed: int, epoch: int
-) -> list[tuple[int, int]]:
-    """(file, example) pairs for one epoch, shuffled.
-
-    Without weights every example appears once. With weights an epoch has sum(sizes) examples and file
-    i contributes round(sum(sizes) * w_i / sum(w)) of them: a shuffled pass over the file, repeated if
-    it is over-sampled, cut short if under-sampled.
-    """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    total = sum(sizes)
-    counts = list(sizes) if weights is None else [round(total * w / sum(weights)) for w in weights]
-    order: list[tuple[int, int]] = []
-    for i, (size, n) in enumerate(zip(sizes, counts, strict=True)):
-        if size == 0 or n == 0:
-            continue
-        idx: list[int] = []
-        while len(idx) < n:
-            perm = list(range(size))
-            rng.shuffle(perm)
-            idx += perm
-        order += [(i, j) for j in idx[:n]]
-    rng.shuffle(order)
-    return order
-
-
-def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: each item (longest first) goes into the fullest row it still fits in.
-
-    A segment tree over remaining capacities finds that row in O(log capacity).
-    """
-    size = 1
-    while size < capacity + 1:
-        size *= 2
-    tree = [0] * (2 * size)  # counts of open rows per remaining capacity
-    rows_at: list[list[int]] = [[] for _ in range(capacity + 1)]
-    rows: list[list[int]] = []
-
-    def add(cap: int, delta: int) -> None:
-        node = cap + size
-        while node:
-            tree[node] += delta
-            node //= 2
-
-    def first_at_least(lo: int) -> int:
-        """Smallest remaining capacity >= lo with an open row, or -1."""
-        if lo > capacity:
-            return -1
-        node = lo + size
-        if tree[node]:
-            return lo
-        while node > 1:  # climb until a right sibling holds rows
-            if node % 2 == 0 and tree[node + 1]:
-                node += 1
-                break
-            node //= 2
-        else:
-            return -1
-        while node < size:
-            node = 2 * node if tree[2 * node] else 2 * node + 1
-        return node - size
-
-    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
-        cap = first_at_least(n)
-        if cap < 0:
-            rows.append([i])
-            row, cap = len(rows) - 1, capacity
-        else:
-            row = rows_at[cap].pop()
-            add(cap, -1)
-            rows[row].append(i)
-        rest = cap - n
-        if rest > 0:
-            rows_at[rest].append(row)
-            add(rest, 1)
-    return rows
 
 
 def collate_rows(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -513,6 +484,10 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
     """(B, T) segment ids -> additive (B, 1, T, T) mask: 0 where a token may attend, dtype-min elsewhere.
 
     A float mask (not boolean) because transformers' eager attention ignores boolean 4D masks.
+    Training and evaluation no longer build it (at 32K tokens it is 4 GiB per row in fp32): the
+    attention implementation keeps packed conversations apart from the restarting positions
+    (chatkit.train.attention). It stays as the independent reference, built from segment ids, that
+    tests compare those paths with, and as the dense competitor in bench/long_context.py.
     """
     t = segment_ids.size(1)
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
@@ -536,15 +511,34 @@ class Batches:
     pad_id: int
     collate: Callable[[Sequence[Sequence[Encoded]], int], dict[str, torch.Tensor]] = collate_rows
     """The training method's collate (chatkit.train.method)."""
+    _plan: tuple[int, RowPlan] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def rows(self, epoch: int) -> list[list[tuple[int, int]]]:
-        order = epoch_order([len(s) for s in self.sets], self.weights, self.seed, epoch)
+    def rows(self, epoch: int) -> RowPlan:
+        """The epoch's rows: its draws (`epoch_order`), packed (`pack_rows`) and shuffled. The last
+        epoch's plan is kept (steps_per_epoch, the stream and the reference pass ask for one epoch
+        several times); older ones are dropped, so memory holds one plan whatever the epoch count."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, self._make_plan(epoch))
+        return self._plan[1]
+
+    def _make_plan(self, epoch: int) -> RowPlan:
+        files, items = epoch_order([len(s) for s in self.sets], self.weights, self.seed, epoch)
         if not self.pack:
-            return [[item] for item in order]
-        lengths = [int(self.sets[f].lengths[j]) for f, j in order]
-        rows = [[order[k] for k in row] for row in pack_best_fit(lengths, self.max_length)]
-        random.Random(self.seed * 7919 + epoch).shuffle(rows)
-        return rows
+            return RowPlan(files, items, np.arange(len(items) + 1, dtype=np.int64))
+        lengths = np.empty(len(items), np.int32)
+        for f, s in enumerate(self.sets):
+            mine = files == f
+            lengths[mine] = s.lengths[items[mine]]
+        order, starts = pack_rows(lengths, self.max_length)
+        del lengths
+        shuffle = np.random.default_rng([epoch, self.seed % (1 << 64), 7919]).permutation(len(starts) - 1)
+        sizes = np.diff(starts)[shuffle]
+        new_starts = np.zeros(len(sizes) + 1, np.int64)
+        np.cumsum(sizes, out=new_starts[1:])
+        take = np.repeat(starts[:-1][shuffle] - new_starts[:-1], sizes)
+        take += np.arange(new_starts[-1])  # position k of new row r: old row's start + (k - new start)
+        take = order[take]
+        return RowPlan(files[take], items[take], new_starts)
 
     def steps_per_epoch(self, accumulation: int) -> int:
         return len(self.rows(0)) // (self.micro_batch_size * self.world_size * accumulation)
@@ -555,20 +549,24 @@ class Batches:
         `skip` micro-batches are passed over without being built: a resumed run continues exactly
         where the interrupted one stopped, since every epoch's order depends only on seed and epoch.
         """
-        per = self.micro_batch_size * self.world_size
+        mbs = self.micro_batch_size
+        per = mbs * self.world_size
         epoch = 0
         while True:
-            rows = self.rows(epoch)
-            if len(rows) < per:
-                raise ValueError(f"{len(rows)} rows cannot fill one batch of {per} across ranks")
-            starts = range(0, len(rows) - per + 1, per)
-            if skip >= len(starts):
-                skip -= len(starts)
+            plan = self.rows(epoch)
+            if len(plan) < per:
+                raise ValueError(f"{len(plan)} rows cannot fill one batch of {per} across ranks")
+            count = len(plan) // per
+            if skip >= count:
+                skip -= count
                 epoch += 1
                 continue
-            for start in starts[skip:]:
-                mine = rows[start + self.rank * self.micro_batch_size :][: self.micro_batch_size]
-                batch = self.collate([[self.sets[f].example(j) for f, j in row] for row in mine], self.pad_id)
+            for b in range(skip, count):
+                first = b * per + self.rank * mbs
+                rows = [plan.row(r) for r in range(first, first + mbs)]
+                batch = self.collate([[self.sets[f].example(j) for f, j in row] for row in rows], self.pad_id)
+                for s in self.sets:
+                    s.release()  # the batch is copied out: keep the rank's RSS off the mapped store
                 yield epoch, batch
             skip = 0
             epoch += 1

@@ -74,8 +74,10 @@ def pair_logps(engine: ChatEngine, pairs: list, batch_size: int = 8):
     """(pairs, 2) summed log-probabilities of each pair's chosen and rejected replies."""
     import torch
 
-    from chatkit.data import block_causal_mask, collate_pairs
+    from chatkit.data import collate_pairs
     from chatkit.tokenization import padding_id
+    from chatkit.train.attention import packed_forward_kwargs
+    from chatkit.train.loss import Output
     from chatkit.train.preference import sequence_logps
 
     out = []
@@ -83,14 +85,12 @@ def pair_logps(engine: ChatEngine, pairs: list, batch_size: int = 8):
     device = next(model.parameters()).device
     for i in range(0, len(pairs), batch_size):
         batch = collate_pairs([[p] for p in pairs[i : i + batch_size]], padding_id(engine.tokenizer))
-        mask = block_causal_mask(batch["segment_ids"], next(model.parameters()).dtype).to(device)
+        # A row holds a pair's chosen then rejected reply: the model's attention keeps them apart from
+        # the restarting positions (chatkit.train.attention), with no (T, T) mask built here.
+        kwargs = packed_forward_kwargs(batch["position_ids"].to(device), model.config._attn_implementation)
         with torch.no_grad():
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=mask,
-                position_ids=batch["position_ids"].to(device),
-            ).logits
-        logps, _ = sequence_logps(logits, {k: v.to(device) for k, v in batch.items()})
+            logits = model(input_ids=batch["input_ids"].to(device), **kwargs).logits
+        logps, _ = sequence_logps(Output(logits=logits), {k: v.to(device) for k, v in batch.items()})
         out.append(logps.double().cpu().view(-1, 2))
     return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
 

@@ -9,16 +9,31 @@ running it; a launch prints the plan's warnings. DeepSpeed's launcher logs only 
 (--verbose or CHATKIT_VERBOSE=1: all of it). `--tiny` runs the recipe's tiny variant: the same recipe on
 the tiny model of the same architecture and the demo data, for a few steps, so every recipe can be
 tried on a laptop.
+
+Once the checks pass, the launcher tokenizes the data the cache lacks, with a progress bar (each
+node's launcher into its cache_dir; over a shared one, what another node has finished is found), so the
+ranks only map the cached arrays and none waits in a collective while another tokenizes
+(chatkit.train.data). A --dry-run tokenizes nothing; tools/tokenize_data.py does this step alone.
+
+Which GPUs: those of CUDA_VISIBLE_DEVICES when it is set (passed on as DeepSpeed's `--include
+localhost:4,5,...`: given `--num_gpus`, DeepSpeed's runner drops the variable and takes GPUs 0..N-1),
+or those of `--include`, in DeepSpeed's syntax. A machine with GPUs whose torch cannot use them is
+refused instead of trained on CPU ranks, unless CPU ranks are asked for (`--num-gpus 0`, `--cpu-ranks N`).
+Several nodes: one launch per node, each given the same --hostfile, --master-addr and --master-port and
+its own --node-rank; the ranks then check that output_dir is one folder every node sees
+(chatkit.train.distributed.check_shared_output_dir).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,22 +48,91 @@ from chatkit.architectures import ARCHITECTURES
 from chatkit.config import ConfigError, TrainConfig, config_error, read_config
 from chatkit.models import spec_for_path
 from chatkit.plan import World, base_config, ds_preset, plan_lines
-from chatkit.train.distributed import VERBOSE_ENV, verbose
+from chatkit.train.distributed import SHARED_DIR_ENV, VERBOSE_ENV, verbose
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_GRACE_S = 10.0  # after a forwarded signal, how long the run has to exit before SIGKILL
 DEFAULT_MASTER_PORT = 29500  # DeepSpeed's and torch's: several nodes must agree on a port
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+NVIDIA_DEVICE = Path("/dev/nvidia0")  # the first GPU's device node, there while the NVIDIA driver is loaded
+GPU_INSTALL = (
+    "install a CUDA build of torch (README, section GPUs: "
+    "make install TORCH_INDEX=https://download.pytorch.org/whl/cu128)"
+)
+NCCL_HELP = """\
+NCCL settings (GPU runs; export them before each node's launch, the ranks inherit them):
+  NCCL_SOCKET_IFNAME=eth0   the network interface NCCL bootstraps and (without InfiniBand) sends over;
+                            set it when a node has several (docker0, lo, a second NIC) and NCCL picks one
+                            the other nodes cannot reach: the run hangs at its first collective.
+                            `^docker0,lo` excludes instead.
+  NCCL_IB_DISABLE=1         do not use InfiniBand/RoCE: for nodes with IB adapters that are not cabled or
+                            configured (errors from ibv_*, or hangs). Leave it unset on a working fabric.
+  NCCL_DEBUG=INFO           NCCL logs its setup: interfaces, transports (NET/IB, NET/Socket, P2P), rings;
+                            the first thing to read when a multi-node run hangs or fails to connect
+                            (NCCL_DEBUG_SUBSYS=INIT,NET narrows it).
+  TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+                            a rank whose collective fails or times out aborts NCCL and exits instead of
+                            hanging, so the launcher sees the failure. torch's default is 3 (exit without
+                            aborting NCCL); NCCL_ASYNC_ERROR_HANDLING is its older name (torch < 2.2).
+  DEEPSPEED_TIMEOUT=30      minutes a collective may wait before it fails (DeepSpeed's default 10): the
+                            timeout of torch's process group, which deepspeed.init_distributed sets. Raise
+                            it when one rank works alone for long while the others wait. Tokenization no
+                            longer does: the launcher tokenizes before the ranks start.
+"""
 
 
 def count_gpus() -> int:
+    """GPUs torch can use here (those CUDA_VISIBLE_DEVICES shows); 0 without a CUDA build of torch."""
     try:
         import torch
 
         return torch.cuda.device_count()
     except Exception:
         return 0
+
+
+def torch_build() -> tuple[str, str | None]:
+    """(torch's version, the CUDA version it was built for, None for a CPU-only build)."""
+    import torch
+
+    return torch.__version__, torch.version.cuda
+
+
+def gpu_evidence() -> str | None:
+    """What says this machine has NVIDIA GPUs whatever torch says, or None: `nvidia-smi -L` listing
+    any (it ignores CUDA_VISIBLE_DEVICES), else the driver's device node."""
+    if smi := shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        listed = out.stdout.splitlines() if out is not None and out.returncode == 0 else []
+        if n := sum(line.startswith("GPU ") for line in listed):
+            return f"nvidia-smi lists {n} GPU(s)"
+    return f"{NVIDIA_DEVICE} exists" if NVIDIA_DEVICE.exists() else None
+
+
+def visible_devices() -> list[str] | None:
+    """The GPU indices CUDA_VISIBLE_DEVICES shows, in its order; None when it is unset or empty (as
+    DeepSpeed's runner, which then ignores it). CUDA ignores the list from its first negative entry on.
+
+    Raises ValueError (one line) for UUIDs or MIG names: DeepSpeed's --include takes indices only."""
+    value = os.environ.get(VISIBLE_ENV, "").strip()
+    if not value:
+        return None
+    shown = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not re.fullmatch(r"-?\d+", entry):
+            raise ValueError(
+                f"{VISIBLE_ENV}={value}: DeepSpeed's --include takes GPU indices only (`nvidia-smi -L` lists "
+                "them); set it to indices, or name the GPUs with --include localhost:0,1"
+            )
+        if int(entry) < 0:
+            break
+        shown.append(str(int(entry)))
+    return shown
 
 
 DEMO_TRAIN = "data/demo/files/train.jsonl"
@@ -86,17 +170,58 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     return list(hosts.items())
 
 
+def parse_include(spec: str) -> dict[str, list[int]]:
+    """DeepSpeed's --include, `host[:slot,...][@host...]`, as host -> slots ([]: all the host's slots).
+
+    As DeepSpeed's runner reads it (deepspeed/launcher/runner.py, parse_node_config_list: a host named
+    twice has its slots merged); raises ValueError (one line) where that would fail or mean nothing."""
+    hosts: dict[str, set[int]] = {}
+    for node in spec.split("@"):
+        host, colon, slots = node.partition(":")
+        if not host or (colon and not re.fullmatch(r"\d+(,\d+)*", slots)):
+            raise ValueError(
+                f"--include: bad node {node!r} in {spec!r} (expected host or host:0,1, nodes joined by @)"
+            )
+        hosts.setdefault(host, set()).update(int(i) for i in slots.split(",") if colon)
+    return {host: sorted(slots) for host, slots in hosts.items()}
+
+
+def nodes_of(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(host, ranks) of each node the launch starts, in DeepSpeed's order (the hostfile's): the hostfile's
+    hosts and slots, narrowed by --include; without a hostfile, `localhost` and --include's GPUs.
+
+    Raises ValueError (one line) where DeepSpeed's runner would raise, with a traceback, after the launch."""
+    pool: dict[str, int | None] = dict(read_hostfile(args.hostfile)) if args.hostfile else {"localhost": None}
+    if not args.include:
+        return [(host, n or 0) for host, n in pool.items()]
+    include = parse_include(args.include)
+    where = args.hostfile or "this machine (no --hostfile: only localhost)"
+    for host, slots in include.items():
+        if host not in pool:
+            raise ValueError(f"--include: {host} is not a host of {where}")
+        n = pool[host]
+        if n is None and not slots:
+            raise ValueError(f"--include: name {host}'s GPUs, e.g. {host}:0,1")
+        if n is not None and slots and slots[-1] >= n:
+            raise ValueError(
+                f"--include: {host} has {n} slot(s) in {args.hostfile}, numbered from 0: no {slots[-1]}"
+            )
+    return [(host, len(include[host]) or n or 0) for host, n in pool.items() if host in include]
+
+
 def world_of(args: argparse.Namespace) -> World:
-    """Ranks the launch will start: GPUs (or CPU ranks) per node x the hostfile's nodes and slots."""
+    """Ranks the launch will start: GPUs (or CPU ranks) per node x the hostfile's nodes and slots, or
+    --include's GPUs."""
     gpus = gpus_per_node(args)
+    gpu = gpus > 0 or bool(args.include)
     per_node = gpus or args.cpu_ranks
-    if not args.hostfile:
-        return World(per_node, 1, per_node, gpus > 0)
+    if not (args.hostfile or args.include):
+        return World(per_node, 1, per_node, gpu)
     try:
-        slots = [n for _, n in read_hostfile(args.hostfile)]
-    except ValueError:  # reported by hostfile_problems
-        return World(per_node, 1, per_node, gpus > 0)
-    return World(sum(slots), len(slots), slots[0], gpus > 0)
+        slots = [n for _, n in nodes_of(args)]
+    except ValueError:  # reported by node_problems
+        return World(per_node, 1, per_node, gpu)
+    return World(sum(slots), len(slots), slots[0], gpu)
 
 
 def _divisor_at_most(n: int, limit: int) -> int:
@@ -208,14 +333,131 @@ def _model_problem(model: str) -> str | None:
     return f"model: no such folder {model!r}{hint}"
 
 
-def hostfile_problems(args: argparse.Namespace) -> list[str]:
+def is_loopback(host: str) -> bool:
+    """Whether `host` names the machine it is read on (localhost, 127.x, ::1)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def node_problems(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(problems of the nodes as given, settings this node's launch lacks), one line each.
+
+    With a hostfile each node runs its own launch (DeepSpeed's --no_ssh), so each must be told which
+    line of the hostfile it is and where node 0 listens: DeepSpeed's runner would otherwise ssh to the
+    first host to ask (`hostname -I`), and the old default here, 127.0.0.1, made node 0 wait alone while
+    every other node waited for a node 0 on itself. A --dry-run only warns of the missing settings (it
+    plans the whole launch, not one node's)."""
+    errors, unset = [], []
+    try:
+        nodes = nodes_of(args) if (args.hostfile or args.include) else []
+    except ValueError as e:
+        errors.append(str(e))
+        nodes = []
     if not args.hostfile:
+        if given := [
+            f
+            for f, v in (("--node-rank", args.node_rank), ("--master-addr", args.master_addr))
+            if v is not None
+        ]:
+            errors.append(
+                f"{' and '.join(given)}: for several nodes, with --hostfile (one node needs neither)"
+            )
+        return errors, unset
+    if args.master_addr is None:
+        unset.append(
+            "--master-addr: required with --hostfile: the address of node 0 that every node reaches, the "
+            "same in every node's launch"
+        )
+    elif is_loopback(args.master_addr) and (away := [h for h, _ in nodes if not is_loopback(h)]):
+        errors.append(
+            f"--master-addr: {args.master_addr} is each machine's own loopback and {args.hostfile} lists "
+            f"other machines ({', '.join(away[:3])}): they would wait for node 0 on themselves; give "
+            "node 0's address"
+        )
+    if args.node_rank is None:
+        unset.append(
+            f"--node-rank: required with --hostfile: this node's place among {args.hostfile}'s hosts, from 0 "
+            "(the node at --master-addr)"
+        )
+    elif nodes and not 0 <= args.node_rank < len(nodes):
+        errors.append(
+            f"--node-rank: {args.node_rank} is not one of the {len(nodes)} node(s) 0-{len(nodes) - 1}"
+        )
+    return errors, unset
+
+
+def visible_problems(args: argparse.Namespace, world: World) -> list[str]:
+    """What stops CUDA_VISIBLE_DEVICES from meaning, for this launch, what it says (one line each)."""
+    if not world.gpu or args.include:  # CPU ranks ignore it; --include names physical GPUs itself
         return []
     try:
-        read_hostfile(args.hostfile)
+        shown = visible_devices()
     except ValueError as e:
         return [str(e)]
+    if shown is None:
+        return []
+    value, n = os.environ[VISIBLE_ENV], gpus_per_node(args)
+    if not args.hostfile:
+        return (
+            [f"--num-gpus: {n} GPU(s) asked for and {VISIBLE_ENV}={value} shows {len(shown)}"]
+            if len(shown) < n
+            else []
+        )
+    # DeepSpeed's per-node launcher sets CUDA_VISIBLE_DEVICES to the node's slots, 0..N-1 of a hostfile's
+    # `slots=N` (launcher/launch.py, set_visible_devices_envs): other GPUs named in it would be ignored.
+    slots = hostfile_slots(args)
+    if slots and shown[:slots] != [str(i) for i in range(slots)]:
+        return [
+            f"{VISIBLE_ENV}={value}: with --hostfile DeepSpeed gives each node its GPUs 0-{slots - 1} "
+            "whatever this says; name the GPUs with --include, the same on every node (e.g. "
+            "host-a:4,5@host-b:4,5, with the hostfile's slots counting every GPU of a node)"
+        ]
     return []
+
+
+def torch_problem(args: argparse.Namespace, world: World, dry_run: bool) -> str | None:
+    """Why this machine's torch cannot run the launch as planned, in one line; None when it can.
+
+    A CPU-only torch on a machine with GPUs once trained on CPU ranks without a word. CPU ranks asked for
+    (--num-gpus 0, or --cpu-ranks on the command line; not $CHATKIT_CPU_RANKS, a standing default) are
+    left alone. A --dry-run may plan for GPUs this machine lacks (--num-gpus N): it is told only of GPUs
+    here that torch cannot use."""
+    have = count_gpus()
+    asked = "--include" if args.include else f"--num-gpus {args.num_gpus}"
+    if have > 0:
+        single = not (args.hostfile or args.include or os.environ.get(VISIBLE_ENV, "").strip())
+        if not dry_run and single and world.gpu and world.per_node > have:
+            return f"{asked}: torch sees {have} GPU(s) on this machine"
+        return None
+    if not world.gpu and (args.num_gpus == 0 or args.cpu_ranks_given):
+        return None
+    seen = gpu_evidence()
+    if seen is None:
+        return None if dry_run or not world.gpu else f"{asked}: torch sees no GPU on this machine"
+    version, cuda = torch_build()
+    if cuda is None:
+        why, fix = f"torch {version} is a CPU-only build", GPU_INSTALL
+    else:
+        why = f"torch {version} sees no GPU (torch.cuda.is_available() is False)"
+        shown = os.environ.get(VISIBLE_ENV, "unset")
+        fix = f"check {VISIBLE_ENV} ({shown}) and that the driver supports CUDA {cuda}"
+    what = f"{asked} needs GPUs that torch can use" if world.gpu else "this launch would train on CPU ranks"
+    cpu = "or ask for CPU ranks with --num-gpus 0 or --cpu-ranks N"
+    return f"{why} and this machine has GPUs ({seen}): {what}; {fix}, {cpu}"
+
+
+def hostfile_slots(args: argparse.Namespace) -> int:
+    """This node's slots in the hostfile; 0 when that is not known (no valid hostfile or node rank)."""
+    try:
+        nodes = read_hostfile(args.hostfile)
+    except ValueError:
+        return 0
+    rank = args.node_rank
+    return nodes[rank][1] if rank is not None and 0 <= rank < len(nodes) else 0
 
 
 def launch_problems(
@@ -260,6 +502,23 @@ def launch_problems(
     return errors, missing
 
 
+def tokenize_data(cfg: TrainConfig) -> None:
+    """Tokenize what the cache lacks, here, before the ranks start; a bad line, an unreadable file or a
+    tokenizer that does not load stops the launch with one `error:` line (exit status 2)."""
+    from chatkit.train.context import RunError
+    from chatkit.train.data import prepare_data
+
+    try:
+        lines = prepare_data(cfg)
+    except RunError as e:
+        refuse([str(e)])
+    except KeyboardInterrupt:
+        print("launch: interrupted while tokenizing; nothing was started", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
 def refuse(problems: list[str]) -> None:
     """Stop before anything starts: one `error:` line a problem, exit status 2."""
     for problem in problems:
@@ -301,9 +560,37 @@ def prebuild_cpu_adam(cfg: TrainConfig, gpu: bool) -> None:
     get_accelerator().create_op_builder("CPUAdamBuilder").load(verbose=False)
 
 
+def device_flags(args: argparse.Namespace, gpus: int, env: dict[str, str]) -> list[str]:
+    """The runner's flags that choose each node's GPUs (or CPU ranks); drops from `env` what they replace.
+
+    DeepSpeed's runner (deepspeed/launcher/runner.py, main(), alike in 0.19.8 and deepspeedai/DeepSpeed
+    master) turns CUDA_VISIBLE_DEVICES into `--include localhost:<its list>` only when it is given none of
+    --include, --exclude, --num_gpus, --num_nodes; given one, it prints that it ignores the variable.
+    Either way it deletes the variable, and its per-node launcher sets it for each rank from the
+    resolved slots. `--num_gpus N` means GPUs 0..N-1 of each node, and --include with --num_gpus is
+    refused ("Cannot specify num_nodes/gpus with include/exclude"). Hence: the visible list (its first N
+    with --num-gpus N) goes as --include, physical indices, and never with --num_gpus. A hostfile's
+    `slots=N` means GPUs 0..N-1 too, and the runner leaves CUDA_VISIBLE_DEVICES alone then (it reads
+    the variable only without a hostfile): --include names others there."""
+    if gpus == 0 and not args.include:  # CPU ranks: DeepSpeed's CPU accelerator counts --num_gpus as ranks
+        return [] if args.hostfile else ["--num_gpus", str(args.cpu_ranks)]
+    if args.include:
+        env.pop(VISIBLE_ENV, None)  # --include names physical GPUs; the runner would only say it ignores it
+        return ["--include", args.include]
+    if args.hostfile:
+        return []
+    shown = visible_devices()  # readable: visible_problems has checked
+    if not shown:
+        return ["--num_gpus", str(gpus)]
+    env.pop(VISIBLE_ENV)
+    return ["--include", "localhost:" + ",".join(shown[:gpus])]
+
+
 def build_command(
-    args: argparse.Namespace, overrides: list[str] | None = None
+    args: argparse.Namespace, overrides: list[str] | None = None, shared_dir: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
+    """DeepSpeed's runner command for this node, and its environment. `shared_dir`: the output folder of
+    a launch over several nodes, which the ranks check every node sees (SHARED_DIR_ENV)."""
     env = dict(os.environ)
     gpus = gpus_per_node(args)
     # DeepSpeed's runner and per-node launcher log at INFO: the hostfile fallback, world-info dicts, the
@@ -312,18 +599,30 @@ def build_command(
     # caller names a rank killed by a signal, so they log only what is critical unless asked (--verbose).
     level = "info" if verbose() else "critical"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", level]
-    if gpus == 0:
+    if gpus == 0 and not args.include:
         env["DS_ACCELERATOR"] = "cpu"
         # One thread per rank by default: ranks share the cores instead of fighting over them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.cpu_ranks)))
     if args.hostfile:
-        cmd += ["--hostfile", args.hostfile, "--no_ssh", "--node_rank", str(args.node_rank)]
-        cmd += ["--master_addr", args.master_addr]
-    else:
-        cmd += ["--num_gpus", str(gpus or args.cpu_ranks)]
+        cmd += ["--hostfile", args.hostfile, "--no_ssh"]
+        if args.node_rank is not None:  # a dry run may lack them (and warns); a launch does not
+            cmd += ["--node_rank", str(args.node_rank)]
+        if args.master_addr is not None:
+            cmd += ["--master_addr", args.master_addr]
+    cmd += device_flags(args, gpus, env)
     cmd += ["--master_port", str(args.master_port)]
     cmd += [str(TRAIN_SCRIPT), "--config", args.recipe, *(args.overrides if overrides is None else overrides)]
+    if shared_dir:
+        env[SHARED_DIR_ENV] = shared_dir
     return cmd, env
+
+
+def command_line(cmd: list[str], env: dict[str, str]) -> str:
+    """`cmd` as a shell line, after the variables the launch sets or removes: what a --dry-run prints."""
+    unset = [f"-u {k}" for k in (VISIBLE_ENV,) if k in os.environ and k not in env]
+    keys = ("DS_ACCELERATOR", "OMP_NUM_THREADS", SHARED_DIR_ENV)
+    extra = [f"{k}={shlex.quote(env[k])}" for k in keys if k in env]
+    return " ".join([*(["env", *unset] if unset else []), *extra, *map(shlex.quote, cmd)])
 
 
 # --- running it ------------------------------------------------------------------------------------
@@ -441,19 +740,32 @@ def plan_warnings(cfg: TrainConfig, world: World) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=NCCL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe", help="YAML recipe, e.g. config/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key=value settings passed to the trainer")
-    p.add_argument("--num-gpus", type=int, help="GPUs per node (default: all torch sees; 0 forces CPU)")
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        help=f"GPUs per node (default: all torch sees, those of ${VISIBLE_ENV} when set; 0 forces CPU)",
+    )
+    p.add_argument(
+        "--include",
+        help="the GPUs to use, in DeepSpeed's syntax, physical indices: localhost:4,5 on one node, "
+        f"host-a:0,1@host-b:0 with --hostfile (a host alone: all its slots); overrides ${VISIBLE_ENV}",
+    )
     p.add_argument(
         "--cpu-ranks",
         type=int,
-        default=int(os.environ.get("CHATKIT_CPU_RANKS", 2)),
-        help="ranks when there is no GPU (default 2, or $CHATKIT_CPU_RANKS)",
+        help="ranks when there is no GPU (default 2, or $CHATKIT_CPU_RANKS); given here, it also asks for "
+        "CPU ranks on a machine with GPUs that torch cannot use",
     )
     p.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes (run once per node)")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (with --hostfile)")
-    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (with --hostfile)")
+    p.add_argument("--node-rank", type=int, help="this node's rank, from 0 (required with --hostfile)")
+    p.add_argument(
+        "--master-addr", help="address of node 0, reachable from every node (required with --hostfile)"
+    )
     p.add_argument(
         "--master-port",
         type=int,
@@ -474,6 +786,9 @@ def main(argv: list[str] | None = None) -> None:
         help="run the recipe's tiny variant: tiny model of the same architecture, demo data, 4 steps",
     )
     args = p.parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    args.cpu_ranks_given = args.cpu_ranks is not None
+    if args.cpu_ranks is None:
+        args.cpu_ranks = int(os.environ.get("CHATKIT_CPU_RANKS") or 2)
     if args.num_gpus is not None and args.num_gpus < 0:
         p.error("--num-gpus must be 0 or more")
     if args.cpu_ranks < 1:
@@ -489,19 +804,28 @@ def main(argv: list[str] | None = None) -> None:
 
     world = world_of(args)
     overrides = list(args.overrides)
-    errors = hostfile_problems(args)
+    errors, unset = node_problems(args)
+    if args.include and args.num_gpus is not None:
+        errors.append(
+            "--include and --num-gpus: give one (DeepSpeed's runner refuses both; --include names the GPUs)"
+        )
+    errors += visible_problems(args, world)
+    if problem := torch_problem(args, world, args.dry_run):
+        unset.append(problem)
+    early = [] if args.dry_run else unset  # refused before the config is read: a dry run's are warnings
     try:  # fail here, once, rather than in every rank after the launch
         if args.tiny:
             recipe, invalid, _ = read_config(args.recipe, overrides, check_files=False)
             if invalid:  # the variant is made from the recipe's settings: they must be usable first
-                refuse([*errors, config_error(args.recipe, invalid)])
+                refuse([*errors, config_error(args.recipe, invalid), *early])
             overrides = tiny_overrides(recipe, args.recipe, world.per_node, world.gpu) + overrides
         cfg, invalid, unread = read_config(args.recipe, overrides, check_files=False)  # files: below
     except ConfigError as e:  # the recipe or an override could not be read at all
-        refuse([*errors, str(e)])
+        refuse([*errors, str(e), *early])
     # Every problem at once: the settings', then the launch's (what a setting given a value that could
-    # not be read, and so left at its default, would cause is not reported).
+    # not be read, and so left at its default, would cause is not reported), then this node's and machine's.
     planned, missing = launch_problems(cfg, world, to_build=tiny_inputs(cfg))
+    missing = [*unset, *missing]
     if invalid:
         errors.append(config_error(args.recipe, invalid))
     errors += [problem for problem in planned if problem.split(":")[0] not in unread]
@@ -515,18 +839,19 @@ def main(argv: list[str] | None = None) -> None:
         ensure_tiny_inputs(cfg)
         if problems := sum(launch_problems(cfg, world), []):
             refuse(problems)
-    cmd, env = build_command(args, overrides)
+    shared = str(Path(cfg.output_dir).resolve()) if world.nodes > 1 else None
+    cmd, env = build_command(args, overrides, shared)
     if args.dry_run:
         print("# resolved config")
         print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
         print("# plan")
         print("\n".join(plan_lines(cfg, world)))
-        extra = {k: env[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env}
         print("# command")
-        print(" ".join([*(f"{k}={v}" for k, v in extra.items()), *map(shlex.quote, cmd)]))
+        print(command_line(cmd, env))
         return
     for line in plan_warnings(cfg, world):
         print(line, file=sys.stderr)
+    tokenize_data(cfg)
     prebuild_cpu_adam(cfg, world.gpu)
     status = run_group(cmd, env)
     if line := failure_line(status):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chatkit.conversation import Message
-from chatkit.templates import Segment, Template
+from chatkit.templates import Segment, Template, Tools
 
 IGNORE_INDEX = -100
 
@@ -74,18 +74,28 @@ def encode_segments(tokenizer, segments: Sequence[Segment]) -> Encoded:
     return Encoded(list(enc["input_ids"]), labels)
 
 
-def encode_conversation(tokenizer, template: Template, messages: Sequence[Message]) -> Encoded:
-    """Token ids and labels for training on one conversation."""
+def encode_conversation(
+    tokenizer, template: Template, messages: Sequence[Message], tools: Tools | None = None
+) -> Encoded:
+    """Token ids and labels for training on one conversation (`tools`: the functions it may call)."""
     eos, bos = special_tokens(tokenizer)
-    return encode_segments(tokenizer, template.segments(messages, eos, bos))
+    return encode_segments(tokenizer, template.segments(messages, eos, bos, tools=tools))
 
 
-def encode_prompt(tokenizer, template: Template, messages: Sequence[Message]) -> list[int]:
-    """Token ids of a chat prompt ending with the assistant's generation prompt."""
+def encode_prompt(
+    tokenizer,
+    template: Template,
+    messages: Sequence[Message],
+    tools: Tools | None = None,
+    thinking: bool | None = None,
+) -> list[int]:
+    """Token ids of a chat prompt ending with the assistant's generation prompt (`thinking=False`: one
+    that asks a reasoning model for no reasoning, e.g. Qwen3's empty think block)."""
     eos, bos = special_tokens(tokenizer)
-    return encode_segments(
-        tokenizer, template.segments(messages, eos, bos, add_generation_prompt=True)
-    ).input_ids
+    segments = template.segments(
+        messages, eos, bos, add_generation_prompt=True, tools=tools, thinking=thinking
+    )
+    return encode_segments(tokenizer, segments).input_ids
 
 
 def padding_id(tokenizer) -> int:

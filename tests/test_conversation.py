@@ -194,3 +194,124 @@ def test_error_for_bad_role_shows_value(tmp_path):
     msg = str(excinfo.value)
     assert "'Assistant'" in msg
     assert "system, user, assistant" in msg
+
+
+# --- tools, tool calls, tool results, reasoning ---------------------------------------------------
+
+TOOL_RECORD = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning": "Look it up.",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "id": "call_1",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "22", "tool_call_id": "call_1", "name": "get_weather"},
+        {"role": "assistant", "content": "22 °C."},
+    ],
+    "source": "unit",
+    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+}
+
+
+def test_parse_tool_use_and_round_trip():
+    conv = parse_conversation(TOOL_RECORD)
+    call = conv.messages[1].tool_calls[0]
+    assert (call.name, call.arguments, call.id) == ("get_weather", {"city": "Paris"}, "call_1")
+    assert conv.messages[1].reasoning == "Look it up." and conv.messages[1].trained
+    assert conv.messages[2].tool_call_id == "call_1" and not conv.messages[2].trained
+    assert conv.tools == tuple(TOOL_RECORD["tools"]) and "tools" not in conv.extra
+    assert conv.to_dict() == TOOL_RECORD
+    assert parse_conversation(json.loads(json.dumps(conv.to_dict()))) == conv
+    # positional construction still works, the new fields are keywords with defaults
+    assert Message("user", "hi", True).tool_calls == () and Message("user", "hi").reasoning is None
+
+
+def test_openai_shapes_are_normalised():
+    conv = parse_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "reasoning_content": "r",
+                    "tool_calls": [{"function": {"name": "f", "arguments": '{"a": [1, 2]}'}}],
+                },
+            ]
+        }
+    )
+    m = conv.messages[1]
+    assert (m.content, m.reasoning, m.tool_calls[0].arguments, m.tool_calls[0].id) == (
+        "",
+        "r",
+        {"a": [1, 2]},
+        None,
+    )
+    assert m.to_dict()["reasoning"] == "r" and not m.is_empty
+
+
+def _tool_msgs(**assistant) -> dict:
+    return {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", **assistant}]}
+
+
+@pytest.mark.parametrize(
+    ("record", "fragment"),
+    [
+        pytest.param(
+            _tool_msgs(tool_calls=[{"function": {"name": "f", "arguments": "{bad"}}]),
+            "messages[1].tool_calls[0].function.arguments: not JSON",
+            id="arguments-not-json",
+        ),
+        pytest.param(
+            _tool_msgs(tool_calls=[{"function": {"name": "f", "arguments": "[1]"}}]),
+            "messages[1].tool_calls[0].function.arguments: must be an object",
+            id="arguments-not-object",
+        ),
+        pytest.param(
+            _tool_msgs(tool_calls=[{"function": {"arguments": {}}}]),
+            "messages[1].tool_calls[0].function.name",
+            id="no-name",
+        ),
+        pytest.param(
+            _tool_msgs(tool_calls={"a": 1}), "messages[1].tool_calls: must be a list", id="calls-not-list"
+        ),
+        pytest.param(
+            _tool_msgs(reasoning="a", reasoning_content="b"),
+            "messages[1]: 'reasoning' and 'reasoning_content'",
+            id="both",
+        ),
+        pytest.param(
+            {"messages": [{"role": "tool", "content": "22", "train": True}]},
+            "messages[0].train: a tool result is never trained",
+            id="trained-tool",
+        ),
+        pytest.param(
+            {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+            "messages[0]: unknown field(s) tool_calls",
+            id="user-tool-calls",
+        ),
+        pytest.param(
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f"}]},
+            "tools[0]: expected",
+            id="tool-schema",
+        ),
+        pytest.param(
+            {"messages": [{"role": "assistant", "content": None}]},
+            "messages[0].content: must be a string",
+            id="null-content-without-calls",
+        ),
+    ],
+)
+def test_tool_use_errors_name_file_line_and_field(tmp_path, record, fragment):
+    path = _write_lines(tmp_path / "t.jsonl", [json.dumps(record)])
+    with pytest.raises(ConversationError) as excinfo:
+        read_jsonl(path)
+    assert str(excinfo.value).startswith(f"{path}:1: ") and fragment in str(excinfo.value), str(excinfo.value)

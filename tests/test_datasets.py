@@ -495,7 +495,7 @@ def test_mapping_bug_is_caught_by_validation_with_its_row(tmp_path: Path):
     src = tmp_path / "rows.jsonl"
     write_lines([{"q": "hello"}], src)
     message = _error(spec, src, tmp_path / "out")
-    assert f"{src}:1: messages[1].role: must be one of system, user, assistant, got 'bot'" in message
+    assert f"{src}:1: messages[1].role: must be one of system, user, assistant, tool, got 'bot'" in message
 
 
 def test_unknown_format_and_empty_folder(tmp_path: Path):

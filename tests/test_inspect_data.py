@@ -58,7 +58,7 @@ def test_a_bad_line_stops_with_file_line_and_field(capsys, monkeypatch, model, d
     code, out, err = _inspect(capsys, monkeypatch, "--model", str(model), "--data", str(data), "-n", "5")
     assert code == 1
     assert len([line for line in out if line.startswith("── conversation")]) == 2  # the two before it
-    assert err == [f"error: {data}:3: messages[1].role: must be one of system, user, assistant, got 'robot'"]
+    assert err == [f"error: {data}:3: messages[1].role: must be one of system, user, assistant, tool, got 'robot'"]
 
 
 @pytest.mark.parametrize(
@@ -103,5 +103,5 @@ def test_the_tool_prints_the_one_line_and_nothing_else(model, data):
     )  # fmt: skip
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.splitlines() == [
-        f"error: {data}:3: messages[1].role: must be one of system, user, assistant, got 'robot'"
+        f"error: {data}:3: messages[1].role: must be one of system, user, assistant, tool, got 'robot'"
     ]

@@ -5,6 +5,12 @@ outlives it.
   the base's context, pipeline stages that do not divide the ranks, fp16 on CPU ranks. Each is one
   `error:` line and exit status 2, with nothing started; --dry-run refuses the same problems of the
   launch as planned, and warns of the files this machine lacks (it plans without weights or data).
+- Devices: CUDA_VISIBLE_DEVICES goes to DeepSpeed as --include (never with --num_gpus, which made it take
+  GPUs 0..N-1); --include is passed through and checked as DeepSpeed's runner would; GPUs that torch
+  cannot use (a fake `nvidia-smi` on PATH, or the driver's device node) are refused unless CPU ranks
+  are asked for.
+- Several nodes: --master-addr and --node-rank are required with --hostfile (a loopback address only
+  when every host is this machine), and the ranks check that output_dir is one folder every node sees.
 - Signals: SIGINT/SIGTERM/SIGHUP to the launcher's PID stop the DeepSpeed runner's whole process
   group (runner, launcher, ranks), SIGKILL after a grace period, and exit 128 + the signal.
 """
@@ -49,18 +55,31 @@ def train(tmp_path: Path) -> Path:
     return path
 
 
+class Started(list):
+    """The commands the launcher would have started; `envs`, the environment of each; `tokenized`, the
+    configs whose data it tokenized before starting them."""
+
+    envs: list[dict[str, str]]
+    tokenized: list
+
+
 @pytest.fixture
-def started(monkeypatch) -> list[list[str]]:
-    """The commands the launcher would have started (none is run), with a clean environment."""
-    calls: list[list[str]] = []
+def started(monkeypatch) -> Started:
+    """The commands the launcher would have started (none is run, and no data is tokenized: the bases
+    here are a config.json alone), with a clean environment."""
+    calls = Started()
+    calls.envs = []
+    calls.tokenized = []
+    monkeypatch.setattr(launch, "tokenize_data", calls.tokenized.append)
 
     def run_group(cmd, env, grace=None):
         calls.append(cmd)
+        calls.envs.append(env)
         return 0
 
     monkeypatch.setattr(launch, "run_group", run_group)
     monkeypatch.setattr(launch, "prebuild_cpu_adam", lambda cfg, gpu: None)
-    for var in ("CHATKIT_CPU_RANKS", "MASTER_PORT", "OMP_NUM_THREADS"):
+    for var in ("CHATKIT_CPU_RANKS", "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(REPO)
     return calls
@@ -71,6 +90,10 @@ def _args(tmp_path: Path, base: Path, train: Path, *more: str) -> list[str]:
         "config/tiny.yaml", f"model={base}", f"train_files=[{train}]", f"output_dir={tmp_path / 'out'}",
         "max_length=64", "--num-gpus", "0", "--cpu-ranks", "2", "--master-port", "29633", *more,
     ]  # fmt: skip
+
+
+NODE_0 = ("--node-rank", "0", "--master-addr", "10.0.0.1")
+"""What each node's launch names with a hostfile: its place, and where node 0 listens."""
 
 
 def _launch(capsys, argv: list[str]) -> tuple[int, list[str]]:
@@ -237,7 +260,8 @@ def test_a_hostfile_deepspeed_would_not_use_is_refused(
     if content is not None:
         hosts.write_text(content)
     for dry in ([], ["--dry-run"]):
-        errors = _refused(capsys, started, [*_args(tmp_path, base, train, "--hostfile", str(hosts)), *dry])
+        argv = _args(tmp_path, base, train, "--hostfile", str(hosts), *NODE_0)
+        errors = _refused(capsys, started, [*argv, *dry])
         assert len(errors) == 1 and needle in errors[0] and str(hosts) in errors[0]
 
 
@@ -248,7 +272,15 @@ def test_every_problem_is_reported_at_once(capsys, started, tmp_path, base, trai
         "--hostfile", str(tmp_path / "hosts"),
     )  # fmt: skip
     settings = [line.split(":")[1].strip() for line in _refused(capsys, started, argv)]
-    assert settings == ["--hostfile", "precision", "model", "train_files", "resume"]
+    assert settings == [
+        "--hostfile",
+        "precision",
+        "--master-addr",
+        "--node-rank",
+        "model",
+        "train_files",
+        "resume",
+    ]
 
 
 def test_config_errors_and_a_bad_hostfile_are_reported_together(capsys, started, tmp_path, base, train):
@@ -332,8 +364,9 @@ def test_deepspeeds_launcher_logs_only_what_is_critical(monkeypatch, tmp_path, b
     machine, every spawned command) once filled the screen; --verbose or CHATKIT_VERBOSE=1 shows them."""
     monkeypatch.delenv("CHATKIT_VERBOSE", raising=False)
     args = argparse.Namespace(
-        num_gpus=0, cpu_ranks=2, hostfile=None, master_port=29633, recipe="config/tiny.yaml", overrides=[]
-    )
+        num_gpus=0, cpu_ranks=2, hostfile=None, include=None, master_port=29633, recipe="config/tiny.yaml",
+        overrides=[],
+    )  # fmt: skip
     cmd, _ = launch.build_command(args)
     assert cmd[cmd.index("--log_level") + 1] == "critical"
     monkeypatch.setenv("CHATKIT_VERBOSE", "1")
@@ -405,6 +438,360 @@ def test_tiny_inputs_are_built_when_missing_and_then_checked(capsys, started, mo
         "error: max_length: 256 exceeds the model's context of 128 tokens "
         "(max_position_embeddings in pretrained/tiny/model/config.json)"
     ]
+
+
+# --- which devices: CUDA_VISIBLE_DEVICES, --include, a torch that cannot use the GPUs ----------------
+
+
+def _auto(tmp_path: Path, base: Path, train: Path, *more: str) -> list[str]:
+    """A launch that picks its devices itself: no --num-gpus, no --cpu-ranks."""
+    return [
+        "config/tiny.yaml", f"model={base}", f"train_files=[{train}]", f"output_dir={tmp_path / 'out'}",
+        "max_length=64", "--master-port", "29633", *more,
+    ]  # fmt: skip
+
+
+def _flag(cmd: list[str], name: str) -> str | None:
+    """The value of flag `name` in `cmd`, None when it is not there."""
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def _dry_command(capsys, argv: list[str]) -> str:
+    launch.main([*argv, "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    return lines[lines.index("# command") + 1]
+
+
+def test_cuda_visible_devices_choose_the_gpus(capsys, started, monkeypatch, tmp_path, base, train):
+    """With `--num_gpus 4`, DeepSpeed's runner dropped CUDA_VISIBLE_DEVICES=4,5,6,7 and trained on 0-3."""
+    monkeypatch.setattr(launch, "count_gpus", lambda: 4)  # torch sees the 4 the variable shows
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert _launch(capsys, _auto(tmp_path, base, train))[0] == 0
+    cmd, env = started[-1], started.envs[-1]
+    assert _flag(cmd, "--include") == "localhost:4,5,6,7" and "--num_gpus" not in cmd
+    assert "CUDA_VISIBLE_DEVICES" not in env and "DS_ACCELERATOR" not in env
+    assert _launch(capsys, _auto(tmp_path, base, train, "--num-gpus", "2"))[0] == 0
+    assert _flag(started[-1], "--include") == "localhost:4,5"  # the first two it shows
+    line = _dry_command(capsys, _auto(tmp_path, base, train))
+    assert line.startswith("env -u CUDA_VISIBLE_DEVICES ") and " --include localhost:4,5,6,7 " in line
+    # Unset: DeepSpeed's --num_gpus, GPUs 0..N-1, as before.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _launch(capsys, _auto(tmp_path, base, train))[0] == 0
+    assert _flag(started[-1], "--num_gpus") == "4" and "--include" not in started[-1]
+    assert _dry_command(capsys, _auto(tmp_path, base, train)).startswith(f"{sys.executable} -m deepspeed")
+
+
+@pytest.mark.parametrize(
+    ("visible", "more", "message"),
+    [
+        (
+            "GPU-8f6b2a1c,GPU-77d1e0aa",
+            [],
+            "error: CUDA_VISIBLE_DEVICES=GPU-8f6b2a1c,GPU-77d1e0aa: DeepSpeed's --include takes GPU indices",
+        ),
+        (
+            "4,5",
+            ["--num-gpus", "4"],
+            "error: --num-gpus: 4 GPU(s) asked for and CUDA_VISIBLE_DEVICES=4,5 shows 2",
+        ),
+    ],
+)
+def test_cuda_visible_devices_that_cannot_be_honoured_are_refused(
+    capsys, started, monkeypatch, tmp_path, base, train, visible, more, message
+):
+    monkeypatch.setattr(launch, "count_gpus", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    for dry in ([], ["--dry-run"]):
+        errors = _refused(capsys, started, [*_auto(tmp_path, base, train, *more), *dry])
+        assert len(errors) == 1 and errors[0].startswith(message), errors
+
+
+def test_include_is_passed_to_deepspeed(capsys, started, monkeypatch, tmp_path, base, train):
+    monkeypatch.setattr(launch, "count_gpus", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # --include names physical GPUs and wins
+    assert _launch(capsys, _auto(tmp_path, base, train, "--include", "localhost:4,5"))[0] == 0
+    assert _flag(started[-1], "--include") == "localhost:4,5" and "--num_gpus" not in started[-1]
+    assert "CUDA_VISIBLE_DEVICES" not in started.envs[-1]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("host1 slots=8\nhost2 slots=8\n")
+    argv = _auto(tmp_path, base, train, "--hostfile", str(hosts), "--include", "host1:0,1@host2:0", *NODE_0)
+    launch.main([*argv, "--dry-run"])
+    out = capsys.readouterr().out
+    assert "world: 3 rank(s)" in out and " --include host1:0,1@host2:0 " in out and "--num_gpus" not in out
+
+
+@pytest.mark.parametrize(
+    ("include", "hostfile", "message"),
+    [
+        ("localhost", None, "--include: name localhost's GPUs, e.g. localhost:0,1"),
+        ("node-x:0", None, "--include: node-x is not a host of this machine (no --hostfile: only localhost)"),
+        ("localhost:a", None, "--include: bad node 'localhost:a' in 'localhost:a'"),
+        ("host1:0@", "host1 slots=2\n", "--include: bad node '' in 'host1:0@'"),
+        ("host1:2", "host1 slots=2\n", "--include: host1 has 2 slot(s) in {hosts}, numbered from 0: no 2"),
+        ("host3", "host1 slots=2\nhost2 slots=2\n", "--include: host3 is not a host of {hosts}"),
+    ],
+)
+def test_an_include_deepspeed_would_refuse_is_refused(
+    capsys, started, monkeypatch, tmp_path, base, train, include, hostfile, message
+):
+    """DeepSpeed's runner raises on these after the launch, with a traceback."""
+    monkeypatch.setattr(launch, "count_gpus", lambda: 2)
+    more = ["--include", include]
+    if hostfile:
+        (tmp_path / "hosts").write_text(hostfile)
+        more += ["--hostfile", str(tmp_path / "hosts"), *NODE_0]
+    errors = _refused(capsys, started, _auto(tmp_path, base, train, *more))
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message.format(hosts=tmp_path / 'hosts')}")
+
+
+def test_include_and_num_gpus_together_are_refused(capsys, started, monkeypatch, tmp_path, base, train):
+    monkeypatch.setattr(launch, "count_gpus", lambda: 2)
+    errors = _refused(
+        capsys, started, _auto(tmp_path, base, train, "--include", "localhost:0", "--num-gpus", "1")
+    )
+    assert errors == [
+        "error: --include and --num-gpus: give one "
+        "(DeepSpeed's runner refuses both; --include names the GPUs)"
+    ]
+
+
+def test_visible_devices_other_than_the_hostfile_slots_are_refused(
+    capsys, started, monkeypatch, tmp_path, base, train
+):
+    """With a hostfile, DeepSpeed's per-node launcher sets CUDA_VISIBLE_DEVICES to 0..slots-1 itself."""
+    monkeypatch.setattr(launch, "count_gpus", lambda: 2)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("host1 slots=2\nhost2 slots=2\n")
+    argv = _auto(tmp_path, base, train, "--hostfile", str(hosts), *NODE_0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    errors = _refused(capsys, started, argv)
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: CUDA_VISIBLE_DEVICES=2,3: with --hostfile DeepSpeed gives each node its GPUs 0-1 whatever"
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # what DeepSpeed will use anyway: fine
+    assert _launch(capsys, argv)[0] == 0 and started
+
+
+class Machine:
+    """This machine as the launcher's GPU checks see it: what torch sees and is built for, an
+    `nvidia-smi` on PATH (a script in tmp_path), the driver's device node."""
+
+    def __init__(self, monkeypatch, tmp_path: Path):
+        self.bin, self.device = tmp_path / "bin", tmp_path / "nvidia0"
+        self.bin.mkdir()
+        self.monkeypatch = monkeypatch
+        monkeypatch.setenv("PATH", str(self.bin))  # no real nvidia-smi
+        monkeypatch.setattr(launch, "NVIDIA_DEVICE", self.device)
+        self.torch(0, None)
+
+    def torch(self, gpus: int, cuda: str | None) -> None:
+        self.monkeypatch.setattr(launch, "count_gpus", lambda: gpus)
+        self.monkeypatch.setattr(
+            launch, "torch_build", lambda: (f"2.13.0+{'cu128' if cuda else 'cpu'}", cuda)
+        )
+
+    def nvidia_smi(self, listing: list[str], status: int = 0) -> None:
+        script = self.bin / "nvidia-smi"
+        lines = "".join(f"echo '{line}'\n" for line in listing)
+        script.write_text(f"#!/bin/sh\n{lines}exit {status}\n")
+        script.chmod(0o755)
+
+
+@pytest.fixture
+def machine(monkeypatch, tmp_path) -> Machine:
+    return Machine(monkeypatch, tmp_path)
+
+
+H100S = ["GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1a)", "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2b)"]
+
+
+def test_gpus_a_cpu_torch_cannot_use_are_refused(
+    capsys, started, monkeypatch, machine, tmp_path, base, train
+):
+    """A CPU-only torch on a GPU machine once trained on CPU ranks without a word."""
+    machine.nvidia_smi(H100S)
+    argv = _auto(tmp_path, base, train)
+    errors = _refused(capsys, started, argv)
+    assert errors == [
+        "error: torch 2.13.0+cpu is a CPU-only build and this machine has GPUs (nvidia-smi lists 2 GPU(s)): "
+        "this launch would train on CPU ranks; install a CUDA build of torch (README, section GPUs: "
+        "make install TORCH_INDEX=https://download.pytorch.org/whl/cu128), or ask for CPU ranks with "
+        "--num-gpus 0 or --cpu-ranks N"
+    ]
+    monkeypatch.setenv("CHATKIT_CPU_RANKS", "2")  # a standing default, not this launch asking for CPU
+    assert _refused(capsys, started, argv) == errors
+    code, err = _launch(capsys, [*argv, "--dry-run"])  # a dry run: a warning
+    assert code == 0 and err == [f"warning: {errors[0][len('error: ') :]}; a launch here would stop on it"]
+    for cpu in (["--cpu-ranks", "2"], ["--num-gpus", "0"]):  # CPU ranks, asked for
+        code, err = _launch(capsys, [*argv, *cpu])
+        assert code == 0 and not err and started.envs[-1]["DS_ACCELERATOR"] == "cpu", err
+
+
+def test_the_driver_device_node_is_evidence_too(capsys, started, machine, tmp_path, base, train):
+    machine.device.touch()
+    errors = _refused(capsys, started, _auto(tmp_path, base, train))
+    assert len(errors) == 1 and f"this machine has GPUs ({machine.device} exists)" in errors[0]
+
+
+def test_a_machine_without_gpus_trains_on_cpu_ranks(capsys, started, machine, tmp_path, base, train):
+    for smi in ([], ["No devices were found"]):  # nvidia-smi lists none, or fails (exit 6 or 9)
+        machine.nvidia_smi(smi, status=6 if smi else 9)
+        code, err = _launch(capsys, _auto(tmp_path, base, train))
+        assert code == 0 and not err, err
+        assert started.envs[-1]["DS_ACCELERATOR"] == "cpu" and _flag(started[-1], "--num_gpus") == "2"
+
+
+def test_a_cuda_torch_that_sees_no_gpu_is_refused(
+    capsys, started, monkeypatch, machine, tmp_path, base, train
+):
+    machine.nvidia_smi(H100S)
+    machine.torch(0, "12.8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    errors = _refused(capsys, started, _auto(tmp_path, base, train))
+    assert errors == [
+        "error: torch 2.13.0+cu128 sees no GPU (torch.cuda.is_available() is False) and this machine has "
+        "GPUs (nvidia-smi lists 2 GPU(s)): this launch would train on CPU ranks; check CUDA_VISIBLE_DEVICES "
+        "() and that the driver supports CUDA 12.8, or ask for CPU ranks with --num-gpus 0 or --cpu-ranks N"
+    ]
+
+
+def test_gpus_asked_for_need_a_torch_that_sees_them(capsys, started, machine, tmp_path, base, train):
+    argv = _auto(tmp_path, base, train, "--num-gpus", "2")
+    assert _refused(capsys, started, argv) == ["error: --num-gpus 2: torch sees no GPU on this machine"]
+    assert _launch(capsys, [*argv, "--dry-run"]) == (0, [])  # planning for GPUs elsewhere: fine
+    machine.nvidia_smi(H100S)
+    errors = _refused(capsys, started, argv)
+    assert (
+        len(errors) == 1
+        and "(nvidia-smi lists 2 GPU(s)): --num-gpus 2 needs GPUs that torch can use;" in errors[0]
+    )
+    machine.torch(1, "12.8")
+    assert _refused(capsys, started, argv) == ["error: --num-gpus 2: torch sees 1 GPU(s) on this machine"]
+    machine.torch(2, "12.8")
+    assert _launch(capsys, argv)[0] == 0 and _flag(started[-1], "--num_gpus") == "2"
+
+
+# --- several nodes: each launch names its node and node 0's address ---------------------------------
+
+
+def _two_hosts(tmp_path: Path, names: str = "node-a node-b") -> Path:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"{name} slots=2\n" for name in names.split()))
+    return hosts
+
+
+def test_several_nodes_need_a_node_rank_and_node_0s_address(capsys, started, tmp_path, base, train):
+    """127.0.0.1 was the default: node 0 waited alone, every other node for a node 0 on itself."""
+    argv = _args(tmp_path, base, train, "--hostfile", str(_two_hosts(tmp_path)))
+    errors = _refused(capsys, started, argv)
+    assert [e.split(":")[1] for e in errors] == [" --master-addr", " --node-rank"]
+    assert errors[0].startswith("error: --master-addr: required with --hostfile")
+    code, err = _launch(capsys, [*argv, "--dry-run"])  # the plan of the whole launch: warnings
+    assert code == 0 and [e.split(";")[0] for e in err] == [e.replace("error", "warning", 1) for e in errors]
+    assert _launch(capsys, [*argv, "--node-rank", "1", "--master-addr", "10.0.0.1"])[0] == 0
+    cmd = started[-1]
+    assert (
+        _flag(cmd, "--node_rank") == "1" and _flag(cmd, "--master_addr") == "10.0.0.1" and "--no_ssh" in cmd
+    )
+    # The ranks check that output_dir is one folder every node sees (chatkit.train.distributed).
+    assert started.envs[-1]["CHATKIT_SHARED_OUTPUT_DIR"] == str((tmp_path / "out").resolve())
+    assert "CHATKIT_SHARED_OUTPUT_DIR=" in _dry_command(capsys, [*argv, *NODE_0])
+
+
+def test_a_loopback_master_addr_is_refused_when_other_machines_take_part(
+    capsys, started, tmp_path, base, train
+):
+    argv = _args(tmp_path, base, train, "--hostfile", str(_two_hosts(tmp_path)), "--node-rank", "0")
+    for loopback in ("127.0.0.1", "localhost", "::1"):
+        errors = _refused(capsys, started, [*argv, "--master-addr", loopback])
+        assert errors == [
+            f"error: --master-addr: {loopback} is each machine's own loopback and {tmp_path / 'hosts'} lists "
+            "other machines (node-a, node-b): they would wait for node 0 on themselves; give node 0's address"
+        ]
+    # Every "node" on this machine (tests/test_training_runs.py's two nodes on loopback): fine.
+    argv = _args(tmp_path, base, train, "--hostfile", str(_two_hosts(tmp_path, "localhost 127.0.0.1")))
+    assert _launch(capsys, [*argv, "--node-rank", "1", "--master-addr", "127.0.0.1"])[0] == 0 and started
+
+
+def test_a_node_rank_outside_the_hostfile_is_refused(capsys, started, tmp_path, base, train):
+    """DeepSpeed's runner asserts it after the launch: "--node_rank is not set correctly"."""
+    argv = _args(tmp_path, base, train, "--hostfile", str(_two_hosts(tmp_path)), "--master-addr", "10.0.0.1")
+    for rank in ("2", "-1"):
+        errors = _refused(capsys, started, [*argv, "--node-rank", rank])
+        assert errors == [f"error: --node-rank: {rank} is not one of the 2 node(s) 0-1"]
+
+
+def test_node_settings_without_a_hostfile_are_refused(capsys, started, tmp_path, base, train):
+    """They once were ignored in silence: a one-node run where several nodes were meant."""
+    errors = _refused(capsys, started, _args(tmp_path, base, train, *NODE_0))
+    assert errors == [
+        "error: --node-rank and --master-addr: for several nodes, with --hostfile (one node needs neither)"
+    ]
+    assert _launch(capsys, _args(tmp_path, base, train))[0] == 0
+    assert "CHATKIT_SHARED_OUTPUT_DIR" not in started.envs[-1]  # one node: nothing to check
+
+
+def test_help_lists_the_nccl_settings(capsys):
+    with pytest.raises(SystemExit):
+        launch.main(["--help"])
+    usage = capsys.readouterr().out
+    for name in (
+        "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG=INFO", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "NCCL_ASYNC_ERROR_HANDLING", "DEEPSPEED_TIMEOUT", "--include",
+    ):  # fmt: skip
+        assert name in usage, name
+
+
+# Two ranks on gloo as two nodes (LOCAL_RANK 0 both), each given its own path to the output folder.
+SHARED_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    import torch.distributed as dist
+    from chatkit.train.context import RunError
+    from chatkit.train.distributed import check_shared_output_dir
+
+    rank, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        check_shared_output_dir(folder, rank, wait_s=1)
+        print("ok")
+    except RunError as e:
+        print(f"error: {e}")
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_ranks_check_that_every_node_sees_the_output_folder(tmp_path):
+    def run(folders: list[Path]) -> list[str]:
+        port = str(launch.free_port())
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", SHARED_CHECK, str(rank), port, str(folder)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "LOCAL_RANK": "0", "CROSS_RANK": str(rank)},
+            )  # fmt: skip
+            for rank, folder in enumerate(folders)
+        ]
+        return [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
+
+    shared = tmp_path / "shared" / "out"
+    assert run([shared, shared]) == ["ok", "ok"]
+    assert list(shared.iterdir()) == []  # its files are gone
+    apart = run([tmp_path / "node0" / "out", tmp_path / "node1" / "out"])
+    assert apart[0] == apart[1] and apart[0].startswith(
+        f"error: output_dir {tmp_path / 'node0' / 'out'} is not one folder shared by every node: node 1 ("
+    )
+    assert (
+        f"{tmp_path / 'node1' / 'out'}) does not see the file node 0 wrote there (.chatkit-shared-"
+        in apart[0]
+    )
+    assert apart[0].endswith("after 1 s; put output_dir on storage that every node mounts")
 
 
 # --- the process group: nothing outlives the launcher (subprocesses) --------------------------------
@@ -556,7 +943,7 @@ def test_a_missing_hostfile_through_the_real_launcher(tmp_path, base, train):
         sys.executable,
         "-m",
         "chatkit.launch",
-        *_args(tmp_path, base, train, "--hostfile", str(tmp_path / "hosts")),
+        *_args(tmp_path, base, train, "--hostfile", str(tmp_path / "hosts"), *NODE_0),
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("CHATKIT_CPU_RANKS", "MASTER_PORT")}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
@@ -670,7 +1057,8 @@ def _run(cmd: list[str], *unset: str) -> tuple[int, str]:
 @pytest.mark.distributed
 def test_a_bad_training_line_reaches_the_user_as_one_line(tmp_path):
     """Once the `file:line: field` message was buried in a 71-line multiprocessing traceback from rank 0,
-    rank 1's gloo error and DeepSpeed's launcher log."""
+    rank 1's gloo error and DeepSpeed's launcher log. The launcher tokenizes before the ranks start, so
+    it is now refused there (exit status 2); tests/test_token_store.py tests the ranks' own path."""
     base, train = _tiny_base_and_data(tmp_path)
     lines = train.read_text().splitlines(keepends=True)
     bad = tmp_path / "bad.jsonl"
@@ -681,9 +1069,9 @@ def test_a_bad_training_line_reaches_the_user_as_one_line(tmp_path):
         f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "max_length=128", "--cpu-ranks", "2",
     ]  # fmt: skip
     code, output = _run(cmd)
-    assert code == 1, output
+    assert code == 2, output
     assert _visible(output) == [
-        f"error: {bad}:3: messages[1].role: must be one of system, user, assistant, got 'robot'"
+        f"error: {bad}:3: messages[1].role: must be one of system, user, assistant, tool, got 'robot'"
     ], output
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,15 +130,21 @@ def test_packed_loss_equals_unpacked_loss(arch, attn):
     assert abs(float(pad_sum / pad_count) - float(plain_loss)) < 1e-5
 
 
+def _pairs(order: tuple) -> list[tuple[int, int]]:
+    files, items = order
+    return list(zip(files.tolist(), items.tolist(), strict=True))
+
+
 def test_epoch_order_without_weights_is_each_example_once():
-    order = epoch_order([3, 5], None, seed=0, epoch=0)
+    order = _pairs(epoch_order([3, 5], None, seed=0, epoch=0))
     assert sorted(order) == [(0, j) for j in range(3)] + [(1, j) for j in range(5)]
-    assert epoch_order([3, 5], None, 0, 0) == order
-    assert epoch_order([3, 5], None, 0, 1) != order
+    assert _pairs(epoch_order([3, 5], None, 0, 0)) == order
+    assert _pairs(epoch_order([3, 5], None, 0, 1)) != order
+    assert _pairs(epoch_order([3, 5], None, 1, 0)) != order
 
 
 def test_epoch_order_honours_weights():
-    order = epoch_order([100, 1000], [3.0, 1.0], seed=0, epoch=0)
+    order = _pairs(epoch_order([100, 1000], [3.0, 1.0], seed=0, epoch=0))
     counts = Counter(f for f, _ in order)
     assert len(order) == 1100
     assert counts[0] == 825 and counts[1] == 275  # 3:1 whatever the sizes
@@ -185,15 +193,15 @@ def test_tokenize_file_multiprocess_equals_single_and_is_cached(bpe_tokenizer, t
     assert len(one) == 1200 and one.stats["ok"] == 1200
     first = _convs(1)[0]
     assert one.example(0) == encode_conversation(bpe_tokenizer, OCK, first)
-    entries = list((tmp_path / "c1").glob("*.npz"))
+    entries = list((tmp_path / "c1").glob("d-*"))
     assert len(entries) == 1
     again = tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c1")
-    assert (again.tokens == one.tokens).all() and len(list((tmp_path / "c1").glob("*.npz"))) == 1
+    assert (again.tokens == one.tokens).all() and len(list((tmp_path / "c1").glob("d-*"))) == 1
     # a changed source, length or template makes a new cache entry
     tokenize_file(str(src), bpe_tokenizer, OCK, 64, cache_dir=tmp_path / "c1")
     _write(src, _convs(10, seed=5))
     tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c1")
-    assert len(list((tmp_path / "c1").glob("*.npz"))) == 3
+    assert len(list((tmp_path / "c1").glob("d-*"))) == 3
 
 
 def test_overlong_drop_or_truncate_by_whole_turns(bpe_tokenizer):
@@ -240,8 +248,12 @@ def test_bad_line_names_file_and_line_even_in_workers(bpe_tokenizer, tmp_path, p
 def test_a_damaged_cache_entry_is_tokenized_again(bpe_tokenizer, tmp_path, caplog_loguru):
     src = _write(tmp_path / "d.jsonl", _convs(20))
     first = tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c")
-    (entry,) = (tmp_path / "c").glob("*.npz")
-    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a kill or a full disk mid-write
+    first = type(first)(
+        np.array(first.tokens), first.trained, np.array(first.offsets)
+    )  # off the file damaged next
+    (entry,) = (tmp_path / "c").glob("d-*")
+    tokens = entry / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2])  # a full disk, a hand edit
     again = tokenize_file(str(src), bpe_tokenizer, OCK, 128, cache_dir=tmp_path / "c")
     assert (again.tokens == first.tokens).all() and (again.offsets == first.offsets).all()
     assert any("damaged tokenization cache entry" in m for m in caplog_loguru)
@@ -263,9 +275,9 @@ def test_an_oversized_message_is_never_tokenized(bpe_tokenizer, monkeypatch):
     seen: list[int] = []
     real = data.encode_conversation
 
-    def spy(tokenizer, template, messages):
+    def spy(tokenizer, template, messages, tools=None):
         seen.append(max(len(m.content) for m in messages))
-        return real(tokenizer, template, messages)
+        return real(tokenizer, template, messages, tools)
 
     monkeypatch.setattr(data, "encode_conversation", spy)
     huge = "word " * 400_000  # 2 MB
@@ -306,5 +318,8 @@ def test_a_dead_tokenizer_worker_stops_the_run_naming_the_lines(bpe_tokenizer, t
     monkeypatch.setattr(data, "_tokenize_chunk", _dies_on_the_second_chunk)  # forked workers inherit it
     monkeypatch.setattr(data, "CHUNK", 8)
     src = _write(tmp_path / "d.jsonl", _convs(40))
-    with pytest.raises(ConversationError, match=r"d\.jsonl:9-16: a tokenizer process died"):
+    with pytest.raises(ConversationError, match=r"d\.jsonl:\d+-\d+: a tokenizer process died") as died:
         tokenize_file(str(src), bpe_tokenizer, OCK, 128, num_proc=2, cache_dir=tmp_path)
+    first, last = map(int, re.search(r"jsonl:(\d+)-(\d+):", str(died.value)).groups())
+    assert first <= 9 and 16 <= last <= 40  # the lines in flight when it died, its chunk among them
+    assert not list(tmp_path.glob("d-*"))  # and no cache entry

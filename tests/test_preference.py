@@ -25,6 +25,7 @@ from chatkit.data import (
 from chatkit.templates import get_template
 from chatkit.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 from chatkit.train.data import filler
+from chatkit.train.loss import Output
 from chatkit.train.preference import LOSSES, PreferenceLoss, preference_loss, sequence_logps
 
 OCK = get_template("openchatkit")
@@ -192,7 +193,10 @@ def _tiny(arch: str, attn: str):
 
 def _logits(model, batch):
     mask = block_causal_mask(batch["segment_ids"], torch.float32)
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+    ).logits
+    return Output(logits=logits)
 
 
 def _pairs(n: int, seed: int = 1) -> list[Pair]:
@@ -244,7 +248,7 @@ def test_sequence_logps_equal_separate_rows():
         for k, p in enumerate(pairs):
             for side, enc in enumerate((p.chosen, p.rejected)):
                 row = collate_rows([[enc]], 0)
-                lp = torch.log_softmax(_logits(model, row)[0, :-1].float(), -1)
+                lp = torch.log_softmax(_logits(model, row).logits[0, :-1].float(), -1)
                 targets = row["labels"][0, 1:]
                 scored = targets != IGNORE_INDEX
                 expected = lp[scored].gather(1, targets[scored, None]).sum()

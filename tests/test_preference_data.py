@@ -316,7 +316,7 @@ LAYOUTS: dict[str, tuple[str, list[dict], list[dict], dict[str, int]]] = {
                 "rejected": msgs(("assistant", "Green.")),
             },
             {  # a speaker outside the schema: the data's, skipped
-                "prompt": msgs(("tool", "{}"), ("user", "Go.")),
+                "prompt": msgs(("function", "{}"), ("user", "Go.")),
                 "chosen": msgs(("assistant", "Done.")),
                 "rejected": msgs(("assistant", "No.")),
             },
@@ -329,7 +329,7 @@ LAYOUTS: dict[str, tuple[str, list[dict], list[dict], dict[str, int]]] = {
                 "preference",
             ),
         ],
-        {"unknown role 'tool'": 1},
+        {"unknown role 'function'": 1},
     ),
     "ultrafeedback-binarized": (
         "train_prefs-00000-of-00001.parquet",

@@ -75,7 +75,14 @@ def rows(run: Path) -> dict[int, dict]:
 
 
 def references(root: Path, name: str) -> list[np.ndarray]:
-    return [np.load(p) for p in sorted((root / f"cache-{name}").glob("reference-*.npy"))]
+    """The cached reference log-probabilities of the train set, then the validation set's (each named
+    by its tokenized set's key, the name of the set's cache entry after its file's stem)."""
+    cache, out = root / f"cache-{name}", []
+    for stem in ("pairs", "val"):
+        (entry,) = cache.glob(f"{stem}-*")
+        (ref,) = cache.glob(f"reference-{entry.name.removeprefix(stem + '-')}-*.npy")
+        out.append(np.load(ref))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +109,25 @@ def test_zero3_on_two_ranks_equals_one_process(root, one):
     assert not np.isnan(ra[1]).any()  # the validation set: every pair
     wa, wb = load_deepspeed_weights(one / "checkpoints"), load_deepspeed_weights(root / "two" / "checkpoints")
     # Adam turns summation-order differences of the gradients (1e-7) into weight differences of ~3e-5
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_chunked_log_probabilities_on_two_zero3_ranks_equal_the_logits_path(root, one):
+    """chunked_loss=always: the policy's and the reference's log-probabilities come from hidden states
+    chunk by chunk (the backward recomputes each chunk from the head ZeRO-3 gathers again), and the
+    run takes the steps of the logits path."""
+    launch(root, "chunked", "chunked_loss=always", ranks=2)
+    a, b = rows(one), rows(root / "chunked")
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in ("loss", "reward_margin", "chosen_logps", "rejected_logps"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-5), (step, key)
+    for x, y in zip(references(root, "one"), references(root, "chunked"), strict=True):
+        assert np.allclose(x, y, rtol=1e-6, equal_nan=True)
+    wa, wb = (
+        load_deepspeed_weights(one / "checkpoints"),
+        load_deepspeed_weights(root / "chunked" / "checkpoints"),
+    )
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 

@@ -27,6 +27,7 @@ PY_SCRIPTS = [
     "tools/merge_lora.py",
     "tools/make_shards.py",
     "tools/evaluate.py",
+    "tools/tokenize_data.py",
     "data/demo/prepare.py",
     "pretrained/tiny/prepare.py",
 ]
@@ -259,3 +260,37 @@ def test_demo_prepare_is_seeded(tmp_path: Path):
         outs.append((tmp_path / name / "heldout.jsonl").read_bytes())
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
+
+
+def test_gpu_check_dry_run_covers_every_recipe_with_valid_launches(tmp_path):
+    """bench/gpu_check.sh (run by a person with a GPU): its dry run names each recipe's tiny variant in
+    fp16 (saved, resumed, exported) and bf16, and every training command it would run is one the
+    launcher accepts (its own --dry-run exits 0)."""
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "gpu-check")}
+    out = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    recipes = sorted(
+        p.stem for p in (REPO / "config").glob("*.yaml") if p.stem not in {"tiny", "demo", "demo-dpo"}
+    )
+    for r in recipes:
+        for suffix in ("fp16", "fp16-resume", "export", "bf16"):
+            assert f"{r}-{suffix}" in lines, f"{r}-{suffix} missing"
+    assert {"environment", "gpu-tier", "pipeline-2gpu", "long-context", "decode"} <= set(lines)
+    launches = [cmd for name, cmd in lines.items() if cmd.startswith("bash training/")]
+    assert len(launches) == 3 * len(recipes) + 1
+    for cmd in launches[:: max(1, len(launches) // 6)] + [
+        lines["pipeline-2gpu"]
+    ]:  # a spread, and the pipeline
+        proc = subprocess.run(
+            [*cmd.split(), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+    assert not (tmp_path / "gpu-check").exists()  # a dry run writes nothing

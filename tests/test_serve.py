@@ -379,9 +379,9 @@ class GatedEngine:
         self.measuring.set()
         self.go_on.wait(20)
 
-    def prompt_length(self, messages) -> int:
+    def prompt_length(self, messages, **kwargs) -> int:
         self._wait()
-        return self.engine.prompt_length(messages)
+        return self.engine.prompt_length(messages, **kwargs)
 
     def text_length(self, text: str) -> int:
         self._wait()
@@ -795,13 +795,186 @@ def test_the_readme_serving_examples_answer_as_printed():
     app = create_app(engine, ServerConfig(served_name("outputs/demo/hf"), GenerationParams()))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         r = c.post("/v1/chat/completions", json=chat_body)
-        assert r.json()["choices"][0]["message"]["content"] == "5" and '`"content": "5"`' in serving
+        assert r.json()["choices"][0]["message"]["content"] == "42" and '`"content": "42"`' in serving
         events = c.post("/v1/completions", json=completion_body).text.split("\n\n")
         chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
-        assert "".join(x["choices"][0]["text"] for x in chunks) == " 5" and events[-2] == "data: [DONE]"
+        assert "".join(x["choices"][0]["text"] for x in chunks) == " 42" and events[-2] == "data: [DONE]"
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
         for seed in range(5):  # the snippet samples (the defaults): the demo model is sure of its answer
             body = {"model": snippet[1], "messages": json.loads(snippet[2]), "seed": seed}
             r = c.post("/v1/chat/completions", json=body)
             assert r.json()["choices"][0]["message"]["content"] == "paper music tiger", r.text
     assert "(this prints `paper music tiger`)" in serving
+
+
+# --- tools, tool results and reasoning, in OpenAI's shapes ----------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+class CallRecorder(RecordingEngine):
+    """The tiny engine under another template, keeping what every chat generation was given."""
+
+    def __init__(self, engine: ChatEngine, template: str):
+        from chatkit.templates import get_template
+
+        super().__init__(ChatEngine(engine.model, engine.tokenizer, get_template(template), engine.device))
+        self.calls: list[tuple[list[Message], dict]] = []
+
+    def stream(self, messages, params, *args, **kwargs):
+        self.calls.append((list(messages), kwargs))
+        return super().stream(messages, params, *args, **kwargs)
+
+
+def tool_app(engine):
+    from fastapi.testclient import TestClient
+
+    from chatkit.serve import ServerConfig, create_app
+
+    return TestClient(create_app(engine, ServerConfig("tiny", GREEDY)), base_url="http://127.0.0.1")
+
+
+def test_tools_for_a_template_without_a_tool_format_are_refused_naming_it(tiny_engine: ChatEngine):
+    with tool_app(tiny_engine) as c:
+        r = c.post("/v1/chat/completions", json={"messages": chat("hi"), "tools": [WEATHER], "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+        assert (
+            "chat template 'openchatkit' has no format for tool definitions" in r.json()["error"]["message"]
+        )
+        # tool_choice none: the tools stay out of the prompt, so any template answers
+        body = {"messages": chat("hi"), "tools": [WEATHER], "tool_choice": "none", "max_tokens": 1}
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+        tool_turn = [*chat("hi"), {"role": "tool", "tool_call_id": "call12345", "content": "22"}]
+        r = c.post("/v1/chat/completions", json={"messages": tool_turn, "max_tokens": 1})
+        assert r.status_code == 400 and "'openchatkit' has no format for a tool result" in r.text
+
+
+BAD_TOOLS = [
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.0.function.name"),
+    ({"tools": [{"function": {"name": "f"}}]}, "tools.0.type"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tools": [WEATHER, WEATHER]}, "two functions are named 'get_weather'"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice: must be 'none', 'auto', 'required'"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     "tool_choice: no function named 'get_time'"),
+    ({"tools": [WEATHER], "tool_choice": {"function": "get_weather"}}, "tool_choice: a named choice is"),
+    ({"tool_choice": "required"}, "'required' needs tools"),
+    ({"chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
+    ({"chat_template_kwargs": {"add_vision_id": True}}, "chat_template_kwargs.add_vision_id"),
+]  # fmt: skip
+
+
+def called(call_id: str, arguments: str) -> dict:
+    """An assistant message of one get_weather call, as OpenAI's clients send it back."""
+    call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+BAD_TOOL_MESSAGES = [
+    ([{"role": "user", "content": "hi", "tool_call_id": "x"}], "tool_call_id: not allowed in a user message"),
+    ([{"role": "user", "content": None}], "content: required"),
+    ([*chat("hi"), called("call12345", "{oops"), {"role": "tool", "content": "1"}],
+     "messages[1].tool_calls[0].function.arguments: not JSON"),
+    ([*chat("hi"), called("c1", "{}"), {"role": "tool", "tool_call_id": "c1", "content": "1"}],
+     "Tool call IDs should be alphanumeric strings with length 9"),
+    ([*chat("hi", "hello")], "the last message must be the user's (or a tool result)"),
+]  # fmt: skip
+
+
+def test_malformed_tools_tool_choices_and_tool_messages_get_400(tiny_engine: ChatEngine):
+    with tool_app(CallRecorder(tiny_engine, "mistral")) as c:
+        for extra, says in BAD_TOOLS:
+            r = c.post("/v1/chat/completions", json={"messages": chat("hi"), "max_tokens": 1} | extra)
+            assert r.status_code == 400 and says in r.json()["error"]["message"], (extra, r.text)
+        for messages, says in BAD_TOOL_MESSAGES:
+            r = c.post(
+                "/v1/chat/completions", json={"messages": messages, "tools": [WEATHER], "max_tokens": 1}
+            )
+            assert r.status_code == 400 and says in r.json()["error"]["message"], (messages, r.text)
+
+
+def test_tool_calls_results_and_choices_reach_the_template_as_chatkit_messages(tiny_engine: ChatEngine):
+    """OpenAI's shapes in, the engine given chatkit's messages and the tools the choice shows; reasoning
+    sent back by a client is dropped for a template without a place for it (Mistral)."""
+    from chatkit.conversation import ToolCall
+
+    engine = CallRecorder(tiny_engine, "mistral")
+    result = {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "-3"}
+    reply = called("call12345", '{"city": "Oslo"}') | {"reasoning_content": "Look it up."}
+    messages = [*chat("Weather in Oslo?"), reply, result]
+    expected = [
+        Message("user", "Weather in Oslo?"),
+        Message("assistant", "", tool_calls=(ToolCall("get_weather", {"city": "Oslo"}, "call12345"),)),
+        Message("tool", "-3", tool_call_id="call12345", name="get_weather"),
+    ]
+    with tool_app(engine) as c:
+        for choice, shown in (("auto", [WEATHER, TIME]), ("required", [WEATHER, TIME]), ("none", None),
+                              ({"type": "function", "function": {"name": "get_time"}}, [TIME])):  # fmt: skip
+            body = {"messages": messages, "tools": [WEATHER, TIME], "tool_choice": choice, "max_tokens": 2}
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            given, kwargs = engine.calls[-1]
+            assert given == expected and kwargs["tools"] == shown and kwargs["thinking"] is None
+            assert r.json()["usage"]["prompt_tokens"] == engine.prompt_length(expected, tools=shown)
+            assert r.json()["choices"][0]["finish_reason"] in (
+                "stop",
+                "length",
+            )  # a random model calls nothing
+
+
+def test_thinking_and_past_reasoning_reach_a_reasoning_template(tiny_engine: ChatEngine):
+    engine = CallRecorder(tiny_engine, "qwen3")
+    history = [
+        *chat("2+2?"),
+        {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+        *chat("3+3?"),
+    ]
+    with tool_app(engine) as c:
+        for kwargs, thinking in (({}, None), ({"chat_template_kwargs": {"enable_thinking": False}}, False)):
+            r = c.post("/v1/chat/completions", json={"messages": history, "max_tokens": 1} | kwargs)
+            assert r.status_code == 200, r.text
+            given, recorded = engine.calls[-1]
+            assert (
+                given[1] == Message("assistant", "4", reasoning="Add.") and recorded["thinking"] is thinking
+            )
+            assert r.json()["usage"]["prompt_tokens"] == engine.prompt_length(given, thinking=thinking)
+    assert engine.prompt_length(given, thinking=False) > engine.prompt_length(given)  # the empty think block
+
+
+TOOL_FIELDS = ["tools", "tool_choice", "chat_template_kwargs"]
+
+
+def test_wrong_values_in_the_tool_fields_get_4xx_never_5xx(tiny_engine: ChatEngine):
+    """As test_wrong_values_in_every_field_get_4xx_never_5xx, for the fields tool use added."""
+    base = {"messages": chat("hi"), "max_tokens": 1}
+    cases = []
+    for value in [*ODD, [WEATHER, None]]:
+        cases += [base | {name: value} for name in TOOL_FIELDS]
+        cases.append(base | {"tools": [{"type": "function", "function": {"name": value}}]})
+        cases.append(base | {"tools": [{"type": "function", "function": {"name": "f", "parameters": value}}]})
+        for message in ({"role": "tool", "content": "x", "tool_call_id": value},
+                        {"role": "assistant", "content": "x", "reasoning_content": value},
+                        {"role": "assistant", "content": None, "tool_calls": value},
+                        {"role": "assistant", "content": None, "tool_calls": [{"function": value}]},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"function": {"name": "get_weather", "arguments": value}}]}):  # fmt: skip
+            cases.append(base | {"messages": [*chat("hi"), message, *chat("ok")], "tools": [WEATHER]})
+    failures = []
+    for template in ("openchatkit", "mistral", "llama3"):
+        engine = CallRecorder(tiny_engine, template) if template != "openchatkit" else tiny_engine
+        with tool_app(engine) as c:
+            for body in cases:
+                r = c.post(
+                    "/v1/chat/completions",
+                    content=json.dumps(body),
+                    headers={"Content-Type": "application/json"},
+                )
+                if r.status_code >= 500 or (r.status_code >= 400 and "error" not in r.json()):
+                    failures.append((template, body, r.status_code, r.text[:200]))
+    assert not failures, failures[:5]

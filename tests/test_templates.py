@@ -34,9 +34,8 @@ def test_openchatkit_single_turn():
 
 def test_openchatkit_multi_turn():
     text = OCK.render([U("Hello"), A("Hi there!"), U("How are you?"), A("Fine.")], EOS)
-    assert text == (
-        "<human>: Hello\n<bot>: Hi there!<|endoftext|>\n<human>: How are you?\n<bot>: Fine.<|endoftext|>\n"
-    )
+    # OIG's documents and OpenChatKit's history: no eos after a past reply (the final one ends the row)
+    assert text == "<human>: Hello\n<bot>: Hi there!\n<human>: How are you?\n<bot>: Fine.<|endoftext|>\n"
 
 
 def test_openchatkit_with_system_message():
@@ -48,7 +47,7 @@ def test_openchatkit_generation_prompt():
     text = OCK.render([U("Hello")], EOS, add_generation_prompt=True)
     assert text == "<human>: Hello\n<bot>:"
     text = OCK.render([U("Hello"), A("Hi."), U("Again")], EOS, add_generation_prompt=True)
-    assert text == "<human>: Hello\n<bot>: Hi.<|endoftext|>\n<human>: Again\n<bot>:"
+    assert text == "<human>: Hello\n<bot>: Hi.\n<human>: Again\n<bot>:"
     assert text.endswith("<bot>:")
     # without the flag there is no trailing prompt
     assert not OCK.render([U("Hello")], EOS).endswith("<bot>:")
@@ -66,9 +65,8 @@ def test_openchatkit_segments_and_flags():
         Segment("sys\n", False),
         Segment("<human>: q\n", True),
         Segment("<bot>:", False),
-        Segment(" a<|endoftext|>", True),
-        Segment("\n", False),
-        Segment("<human>: r\n", False),
+        Segment(" a\n<human>:", True),  # a past reply's trained stop: the next turn's marker
+        Segment(" r\n", False),
         Segment("<bot>:", False),
         Segment(" b<|endoftext|>", False),
         Segment("\n", False),

@@ -17,6 +17,7 @@ from chatkit import templates
 from chatkit.conversation import Message
 from chatkit.templates import (
     ChatTemplate,
+    FamilyTemplate,
     HFChatTemplate,
     Segment,
     alpaca_messages,
@@ -326,10 +327,15 @@ def test_stop_strings_special_tokens_and_registry():
     }
     assert CHATML.special_tokens == ("<|im_start|>", "<|im_end|>")
     assert all(get_template(n).special_tokens == () for n in NAMED if n != "chatml")
-    assert list_templates() == ["alpaca", "chatml", "hf", "koala", "llama2", "openchatkit", "vicuna"]
+    assert list_templates() == [
+        "alpaca", "chatml", "gemma", "hf", "koala", "llama2", "llama3", "mistral", "openchatkit", "qwen3", "vicuna"
+    ]  # fmt: skip
     for name in list_templates():
-        if name != "hf":
-            assert isinstance(get_template(name), ChatTemplate) and get_template(name).name == name
+        if name != "hf":  # the family templates (llama3, qwen3, ...) are tested in test_templates_families.py
+            assert (
+                isinstance(get_template(name), ChatTemplate | FamilyTemplate)
+                and get_template(name).name == name
+            )
 
 
 def test_hf_name_is_reserved():
@@ -746,29 +752,45 @@ def test_openchatkit_history_matches_openchatkit_conversation(system):
             conv.push_model_response(" " + reply + "<|endoftext|>")
             msgs.append(A(reply))
     prompt = OCK.render(msgs, "<|endoftext|>", "<|endoftext|>", add_generation_prompt=True)
-    # the one deliberate difference: chatkit's past replies keep their trained eos (the stop signal a
-    # model trained on replies only needs at every turn; without it the demo model ran on past its
-    # first reply); removing those eos tokens gives OpenChatKit's prompt exactly
-    assert prompt.replace("<|endoftext|>", "") == conv.prompt
-    assert prompt.count("<|endoftext|>") == len([r for _, r in turns if r is not None])
+    assert prompt == conv.prompt  # the history a chat feeds back is OpenChatKit's, character for character
 
 
-def test_openchatkit_training_row_is_oig_text_with_every_reply_ending_in_eos():
-    # OIG's texts ("<human>: ...\n<bot>: ...\n<human>: ...") with each reply's stop token trained;
-    # nothing follows the row's final eos
+def test_openchatkit_chat_prompt_ids_are_the_origins_ids(neox_tokenizer):
+    # token for token with the origin's tokenizer (GPT-NeoX-20B's): the prompt chatkit encodes for a
+    # multi-turn chat is the tokenizer's encoding of OpenChatKit's own prompt text
+    conv = OpenChatKitConversation()
+    msgs = []
+    for query, reply in [("What is 2 + 2?", "4."), ("And  3 + 3?\tTell me", "6\n\nDone."), ("Thanks", None)]:
+        conv.push_human_turn(query)
+        msgs.append(U(query))
+        if reply is not None:
+            conv.push_model_response(" " + reply + "<|endoftext|>")
+            msgs.append(A(reply))
+    ours = encode_prompt(neox_tokenizer, OCK, msgs)
+    assert ours == neox_tokenizer(conv.prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_openchatkit_training_row_is_oig_text_with_trained_stops():
+    # OIG's texts ("<human>: ...\n<bot>: ...\n<human>: ...") as they are; a past reply's stop signal is
+    # the next turn's marker, trained with it; the final reply ends with the document's eos, trained
     msgs = [U("q1"), A("a1"), U("q2"), A("a2")]
     segs = OCK.segments(msgs, "<|endoftext|>")
-    assert "".join(s.text for s in segs) == (
-        "<human>: q1\n<bot>: a1<|endoftext|>\n<human>: q2\n<bot>: a2<|endoftext|>\n"
-    )
-    assert [s.text for s in segs if s.trained] == [" a1<|endoftext|>", " a2<|endoftext|>"]
+    assert "".join(s.text for s in segs) == "<human>: q1\n<bot>: a1\n<human>: q2\n<bot>: a2<|endoftext|>\n"
+    assert [s.text for s in segs if s.trained] == [" a1\n<human>:", " a2<|endoftext|>"]
 
 
-def test_openchatkit_every_eos_token_is_trained(neox_tokenizer):
+def test_openchatkit_stop_tokens_are_trained(neox_tokenizer):
     enc = encode_conversation(neox_tokenizer, OCK, [U("q1"), A("a1"), U("q2"), A("a2")])
     eos = neox_tokenizer.eos_token_id
-    assert enc.input_ids.count(eos) == 2 and enc.input_ids[-2] == eos and enc.labels[-1] == IGNORE_INDEX
-    assert all(label == eos for t, label in zip(enc.input_ids, enc.labels, strict=True) if t == eos)
+    assert enc.input_ids.count(eos) == 1 and enc.input_ids[-2] == eos and enc.labels[-2] == eos
+    assert enc.labels[-1] == IGNORE_INDEX  # the untrained newline after the row's eos
+    # the past reply's "\n<human>:" tokens are targets; the next question's are not
+    marker = neox_tokenizer("\n<human>:", add_special_tokens=False)["input_ids"]
+    ids = enc.input_ids
+    at = next(i for i in range(len(ids)) if ids[i : i + len(marker)] == marker)
+    assert enc.labels[at : at + len(marker)] == marker
+    q2 = neox_tokenizer(" q2", add_special_tokens=False)["input_ids"]
+    assert all(label == IGNORE_INDEX for label in enc.labels[at + len(marker) : at + len(marker) + len(q2)])
 
 
 # --- alpaca: yxuansu/OpenAlpaca datasets/sft_dataset.py (commit 193e0fa4) -------------------------

@@ -33,10 +33,11 @@ TWO_TURNS = [
 
 def test_encode_two_turn_conversation_literal(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
-    # "<human>: hi there\n" "<bot>:" " hello<eos>" "\n" "<human>: how are you\n" "<bot>:" " fine thanks<eos>" "\n"
-    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1, 5]
-    assert enc.labels == [X, X, X, X, X, 8, 1, X, X, X, X, X, X, X, 12, 13, 1, X]
-    assert enc.num_trained == 5
+    # "<human>: hi there\n" "<bot>:" " hello\n<human>:" " how are you\n" "<bot>:" " fine thanks<eos>" "\n":
+    # the past reply's stop is the next turn's marker, trained; the last reply's is the eos
+    assert enc.input_ids == [3, 6, 7, 5, 4, 8, 5, 3, 9, 10, 11, 5, 4, 12, 13, 1, 5]
+    assert enc.labels == [X, X, X, X, X, 8, 5, 3, X, X, X, X, X, 12, 13, 1, X]
+    assert enc.num_trained == 6
 
 
 def test_encode_with_system_literal(wordlevel_tokenizer):
@@ -47,16 +48,15 @@ def test_encode_with_system_literal(wordlevel_tokenizer):
     assert enc.num_trained == 2
 
 
-def test_eos_trained_at_end_of_each_assistant_turn_and_separator_not(wordlevel_tokenizer):
+def test_stop_trained_at_end_of_each_assistant_turn_and_separator_not(wordlevel_tokenizer):
     enc = encode_conversation(wordlevel_tokenizer, OCK, TWO_TURNS)
     eos_id = wordlevel_tokenizer.eos_token_id
     eos_positions = [i for i, t in enumerate(enc.input_ids) if t == eos_id]
-    assert eos_positions == [6, 16]  # one per assistant turn
-    for i in eos_positions:
-        assert enc.labels[i] == eos_id
-        # the "\n" separator that follows the stop is never trained
-        assert enc.input_ids[i + 1] == 5
-        assert enc.labels[i + 1] == IGNORE_INDEX
+    assert eos_positions == [15]  # the final reply's; the first reply stops with "\n<human>:"
+    assert enc.labels[15] == eos_id
+    assert enc.labels[6:8] == [5, 3]  # "\n" "<human>:" after the first reply, trained
+    # the "\n" separator that follows the eos is never trained
+    assert enc.input_ids[16] == 5 and enc.labels[16] == IGNORE_INDEX
     assert [i for i, lab in enumerate(enc.labels) if lab == eos_id] == eos_positions
 
 
@@ -81,7 +81,7 @@ def test_encode_prompt_literal_and_matches_conversation(wordlevel_tokenizer):
     assert encode_prompt(tok, OCK, [Message("user", "hi there")]) == [3, 6, 7, 5, 4]
     history = TWO_TURNS[:3]
     prompt = encode_prompt(tok, OCK, history)
-    assert prompt == [3, 6, 7, 5, 4, 8, 1, 5, 3, 9, 10, 11, 5, 4]
+    assert prompt == [3, 6, 7, 5, 4, 8, 5, 3, 9, 10, 11, 5, 4]
     assert prompt[-1:] == [4]  # ids of "<bot>:"
     assert prompt == encode_conversation(tok, OCK, history).input_ids + [4]
     # also after a finished assistant turn
@@ -160,8 +160,9 @@ def test_segmentwise_tokens_equal_whole_string_tokens_alpaca(neox_tokenizer, sha
         enc = encode_conversation(tok, OCK, msgs)
         whole = tok.encode(OCK.render(msgs, eos, bos), add_special_tokens=False)
         assert enc.input_ids == whole
-        n_assistant = sum(m.role == "assistant" for m in msgs)
-        assert enc.labels.count(tok.eos_token_id) == n_assistant
+        assert enc.labels.count(tok.eos_token_id) == (msgs[-1].role == "assistant")  # the last reply's
+        # one "<human>:" per user turn (a past reply ends with the next one's, trained)
+        assert OCK.render(msgs, eos, bos).count("<human>:") == sum(m.role == "user" for m in msgs)
         total_trained += enc.num_trained
         # the inference prompt for the history before the last reply
         history = msgs[:-1]

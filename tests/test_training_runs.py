@@ -101,6 +101,26 @@ def test_zero3_on_two_ranks_matches_one_process(root, reference):
     assert max(float((wa[k] - wb[k]).abs().max().detach()) for k in wa) < 1e-4
 
 
+def test_chunked_loss_under_zero3_takes_the_steps_of_the_full_logits_loss(root, reference):
+    """chunked_loss=always (the loss from hidden states, chunk by chunk, inside the engine's forward
+    where ZeRO-3 gathers the head) trains as the logits path does: losses, validation and weights."""
+    launch(
+        root, "chunked", "micro_batch_size=2", "save_every=2", f"val_files=[{root / 'val.jsonl'}]", *EVAL,
+        "chunked_loss=always",
+    )  # fmt: skip
+    ref, chunked = losses(reference), losses(root / "chunked")
+    assert sorted(chunked) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert abs(ref[step] - chunked[step]) < 1e-4, step
+    val = [m["val_loss"] for m in metrics(reference) if "val_loss" in m]
+    assert val and val == pytest.approx(
+        [m["val_loss"] for m in metrics(root / "chunked") if "val_loss" in m], abs=1e-4
+    )
+    wa = load_deepspeed_weights(reference / "checkpoints")
+    wb = load_deepspeed_weights(root / "chunked" / "checkpoints")
+    assert max(float((wa[k] - wb[k]).abs().max().detach()) for k in wa) < 1e-4
+
+
 def test_evaluation_monitoring_and_retention(reference):
     rows = metrics(reference)
     val = [m for m in rows if "val_loss" in m]

@@ -35,6 +35,7 @@ import torch
 
 from chatkit.data import Pair, block_causal_mask, collate_pairs
 from chatkit.tokenization import IGNORE_INDEX, Encoded
+from chatkit.train.loss import Output
 from chatkit.train.preference import PreferenceLoss, pair_count, preference_loss, sequence_logps
 
 trl = pytest.importorskip("trl")
@@ -176,7 +177,10 @@ def _trl_cpo_orpo(kind, policy, pairs, tmp_path):
 def _logits(model, batch):
     """As `chatkit.train.zero` calls the model: block-diagonal causal mask, positions per sequence."""
     mask = block_causal_mask(batch["segment_ids"], torch.float32)
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+    ).logits
+    return Output(logits=logits)
 
 
 def _ours(loss: PreferenceLoss, policy, ref, pairs, packed: bool):

@@ -22,6 +22,7 @@ _DATASETS: dict[str, tuple[str, str]] = {
     "webgpt": ("webgpt", "SPEC"),
     "summarize_from_feedback": ("summarize_from_feedback", "SPEC"),
     "preference": ("preference", "SPEC"),
+    "toolcall": ("toolcall", "SPEC"),
     "mqa": ("long_data", "MQA"),
     "booksum": ("long_data", "BOOKSUM"),
 }

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from chatkit.conversation import (
     ROLES,
+    Conversation,
     ConversationError,
     Message,
     Preference,
@@ -112,7 +113,7 @@ def problem(messages: Messages) -> str | None:
     """Why a mapped conversation cannot be trained on, or None."""
     if not messages:
         return "no messages"
-    if any(not m.content.strip() for m in messages):
+    if any(m.is_empty for m in messages):  # a reply of tool calls alone has no text, and is not empty
         return "empty message"
     if not any(m.role == "user" for m in messages):
         return "no user message"
@@ -156,12 +157,24 @@ def in_val(seed: int, file_name: str, index: int, fraction: float) -> bool:
     return int.from_bytes(digest) / 2**64 < fraction
 
 
-def _validated(messages: Messages, source: str, where: str) -> dict[str, Any]:
+def _validated(
+    messages: Messages, source: str, where: str, tools: tuple[dict[str, Any], ...] = ()
+) -> dict[str, Any]:
     if not all(isinstance(m, Message) for m in messages):
         raise ConversationError(f"{where}: the mapping must return lists of Message")
-    obj = {"messages": [m.to_dict() for m in messages], "source": source}
+    obj: dict[str, Any] = {"messages": [m.to_dict() for m in messages], "source": source}
+    if tools:
+        obj["tools"] = list(tools)
     parse_conversation(obj, where)  # a mapping bug (bad role, misplaced system message) stops here
     return obj
+
+
+def _unpack(mapped: Messages | Conversation) -> tuple[Messages, tuple[dict[str, Any], ...]]:
+    """A mapping's conversation as (messages, tools): a tool-use set returns `Conversation`s, which
+    carry the functions the assistant may call."""
+    if isinstance(mapped, Conversation):
+        return list(mapped.messages), mapped.tools
+    return mapped, ()
 
 
 def _check_pair_types(pair: Any, where: str) -> None:
@@ -205,8 +218,9 @@ def _map_row(spec: DatasetSpec, row: Any, where: str, keep_rejected: bool, count
     except Skip as s:
         counts.skip(s.reason, where)
         return
-    for source, prefix, messages in mapped:
-        obj = _validated(messages, source, where) if messages else None
+    for source, prefix, conversation in mapped:
+        messages, tools = _unpack(conversation)
+        obj = _validated(messages, source, where, tools) if messages else None
         reason = problem(messages)
         if reason:
             counts.skip(prefix + reason, where)

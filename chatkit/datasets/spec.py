@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chatkit.conversation import Message, Preference
+from chatkit.conversation import Conversation, Message, Preference
 
 Messages = list[Message]
-RowMapper = Callable[[Any], list[Messages]]
+RowMapper = Callable[[Any], "list[Messages] | list[Conversation]"]
+"""One upstream row -> its conversations: message lists, or `Conversation`s where they carry tools."""
 PairMapper = Callable[[Any], list[Preference]]
 
 UNHELPFUL_MARKER = "An Unhelpful Answer:"

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatkit.chat import GenerationParams
-from chatkit.conversation import Message
+from chatkit.conversation import ConversationError, Message, parse_conversation
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The seeds torch's generator takes (a 64-bit integer, signed or not); others would fail in the worker."""
@@ -65,20 +65,77 @@ class _TextPart(BaseModel):
     text: str
 
 
+class _CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """A JSON string, as OpenAI sends it (an object is taken too)."""
+
+
+class _ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+
 class _ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+    """None only beside an assistant's tool_calls, as OpenAI sends it."""
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
+    """An assistant reply's reasoning, as this server (and vLLM, DeepSeek) returns it."""
+
+
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+"""OpenAI's rule for a function's name (it appears verbatim in prompts and in the calls)."""
+
+
+class _FunctionSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments (an object)."""
+    strict: bool | None = None
+    """Accepted, not enforced: generation is not constrained to the schema."""
+
+
+class _Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: _FunctionSchema
+
+
+class _TemplateKwargs(BaseModel):
+    """`chat_template_kwargs` (vLLM's and SGLang's extension); only `enable_thinking` is read."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    enable_thinking: bool | None = None
 
 
 class ChatRequest(OpenAIRequest):
     messages: list[_ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    """`none`, `auto`, `required` or {"type": "function", "function": {"name": ...}}; checked by
+    `request_tools`, whose message says what is allowed (pydantic's for a union does not)."""
+    chat_template_kwargs: _TemplateKwargs | None = None
 
     @property
     def requested_tokens(self) -> int | None:
         """`max_completion_tokens` (OpenAI's newer name) wins over `max_tokens`."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def thinking(self) -> bool | None:
+        """`chat_template_kwargs.enable_thinking`: False asks a reasoning template for no reasoning."""
+        return self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
 
 
 class CompletionRequest(OpenAIRequest):
@@ -152,18 +209,75 @@ def check_model(req: OpenAIRequest, served: str) -> None:
                        "model", "model_not_found")  # fmt: skip
 
 
+_ROLE_FIELDS = {"assistant": ("tool_calls", "reasoning_content"), "tool": ("tool_call_id", "name")}
+"""The fields beyond role and content a message of each role may carry (a user's `name` is ignored)."""
+
+
+def _message_dict(m: _ChatMessage, i: int) -> dict[str, Any]:
+    """One request message in chatkit's conversation shape (developer counts as system; text parts are
+    joined), for `parse_conversation` to check as it checks training data."""
+    role = "system" if m.role == "developer" else m.role
+    if role == "system" and i != 0:
+        raise ApiError(400, "a system message may only come first", f"messages.{i}.role")
+    if m.content is None and not m.tool_calls:
+        raise ApiError(400, "content: required (null only beside tool_calls)", f"messages.{i}.content")
+    parts = m.content if isinstance(m.content, list) else [_TextPart(type="text", text=m.content or "")]
+    d: dict[str, Any] = {"role": role, "content": "".join(p.text for p in parts)}
+    for key in ("tool_calls", "tool_call_id", "reasoning_content"):
+        if getattr(m, key) is not None and key not in _ROLE_FIELDS.get(role, ()):
+            raise ApiError(400, f"{key}: not allowed in a {m.role} message", f"messages.{i}.{key}")
+    if m.tool_calls:
+        d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+    if m.reasoning_content is not None:
+        d["reasoning"] = m.reasoning_content
+    if role == "tool":
+        d |= {k: v for k in _ROLE_FIELDS["tool"] if (v := getattr(m, k)) is not None}
+    return d
+
+
 def to_messages(req: ChatRequest) -> list[Message]:
-    """OpenAI messages -> chatkit messages (developer counts as system; text parts are joined)."""
-    out = []
-    for i, m in enumerate(req.messages):
-        role = "system" if m.role == "developer" else m.role
-        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        if role == "system" and i != 0:
-            raise ApiError(400, "a system message may only come first", f"messages.{i}.role")
-        out.append(Message(role, text))
-    if out[-1].role != "user":
-        raise ApiError(400, "the last message must be the user's", f"messages.{len(out) - 1}.role")
+    """OpenAI messages -> chatkit messages: tool results (role `tool`), assistant `tool_calls` (their
+    JSON `arguments` read into objects) and `reasoning_content` included."""
+    obj = {"messages": [_message_dict(m, i) for i, m in enumerate(req.messages)]}
+    try:
+        out = list(parse_conversation(obj, "request").messages)
+    except ConversationError as e:
+        raise ApiError(400, str(e).removeprefix("request: "), "messages") from None
+    if out[-1].role not in ("user", "tool"):
+        raise ApiError(400, "the last message must be the user's (or a tool result)",
+                       f"messages.{len(out) - 1}.role")  # fmt: skip
     return out
+
+
+def request_tools(req: ChatRequest) -> list[dict[str, Any]]:
+    """The tools the prompt shows (OpenAI's function schemas, unset fields left out), as `tool_choice`
+    says, best effort (nothing constrains generation): `none` shows none (no tool list, and no call is
+    read back); a named function is shown alone, the only one the model can call; `auto` (the default)
+    and `required` show all, and a reply without a call is still answered as text. 400 for a choice
+    naming no function given, `required` without tools, or two functions of one name."""
+    tools = [
+        {"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in req.tools or []
+    ]
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ApiError(400, f"tools: two functions are named {dup!r}", "tools")
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) and choice.get("type") == "function" else None
+        if not isinstance(name, str):
+            named = '{"type": "function", "function": {"name": ...}}'
+            raise ApiError(400, f"tool_choice: a named choice is {named}", "tool_choice")
+        if name not in names:
+            raise ApiError(400, f"tool_choice: no function named {name!r} in tools", "tool_choice")
+        return [t for t in tools if t["function"]["name"] == name]
+    if choice not in (None, "none", "auto", "required"):
+        words = "'none', 'auto', 'required' or a named function"
+        raise ApiError(400, f"tool_choice: must be {words}, got {choice!r}", "tool_choice")
+    if choice == "required" and not tools:
+        raise ApiError(400, "tool_choice: 'required' needs tools", "tool_choice")
+    return [] if choice == "none" else tools
 
 
 def parse_stops(req: OpenAIRequest) -> list[str]:

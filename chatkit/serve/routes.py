@@ -5,6 +5,7 @@ tokenizing on the `ServerState.off_loop` threads, so the event loop goes on serv
 generation to the worker and shapes its pieces with `respond`.
 """
 
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import HTMLResponse
 
 from chatkit.chat import ChatEngine, ContextProvider, with_context
+from chatkit.conversation import Message
 from chatkit.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -20,6 +22,7 @@ from chatkit.serve.protocol import (
     generation_params,
     max_tokens,
     parse_stops,
+    request_tools,
     to_messages,
 )
 from chatkit.serve.responses import respond
@@ -35,6 +38,7 @@ from chatkit.serve.state import (
     require_api_key,
 )
 from chatkit.serve.worker import Run
+from chatkit.templates.replies import ReplyStream
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 """OpenAI's API; every route here requires the API key when one is set."""
@@ -43,19 +47,36 @@ site = APIRouter()
 """The chat page and the health check: open, so a browser can load the page and ask for the key."""
 
 
+def _without_unshown_reasoning(engine: ChatEngine, messages: list[Message]) -> list[Message]:
+    """Past replies' `reasoning_content` dropped where the template has no place for it (Llama 3.1,
+    Mistral): clients send replies back as they got them, and the model never sees old reasoning in
+    those formats anyway (Qwen3's own template drops all but the latest)."""
+    if engine.template.reply_format.think is not None:
+        return messages
+    return [replace(m, reasoning=None) for m in messages]
+
+
 def _chat_job(
     req: ChatRequest, engine: ChatEngine, settings: ServerConfig, retrieval: ContextProvider | None
-) -> Run:
-    """The checked generation for a chat request. Retrieval (embedding, search) and measuring the
-    prompt (tokenizing it) cost CPU in proportion to the request: called off the event loop."""
+) -> tuple[Run, ReplyStream]:
+    """The checked generation for a chat request, and the reader of its reply (reasoning, tool calls).
+    Retrieval (embedding, search) and measuring the prompt (tokenizing it) cost CPU in proportion to
+    the request: called off the event loop."""
     check_model(req, settings.model_name)
-    messages, stops = to_messages(req), parse_stops(req)
+    messages, stops = _without_unshown_reasoning(engine, to_messages(req)), parse_stops(req)
+    tools = request_tools(req) or None
     if retrieval is not None:
         messages = with_context(messages, retrieval(messages))
-    prompt_len = engine.prompt_length(messages)
+    try:  # the template refuses what it has no format for (tools, tool results), naming itself
+        prompt_len = engine.prompt_length(messages, tools=tools, thinking=req.thinking)
+    except ValueError as e:
+        raise ApiError(
+            400, str(e), "tools" if tools and "tool definitions" in str(e) else "messages"
+        ) from None
     n = max_tokens(req.requested_tokens, settings.defaults.max_new_tokens, prompt_len, engine.context_length)
     params = generation_params(req, settings.defaults, n)
-    return partial(engine.stream, messages, params, req.seed, stop=stops)
+    run = partial(engine.stream, messages, params, req.seed, stop=stops, tools=tools, thinking=req.thinking)
+    return run, ReplyStream(engine.template.reply_format, tools=tools is not None)
 
 
 def _completion_job(req: CompletionRequest, engine: ChatEngine, settings: ServerConfig) -> tuple[Run, str]:
@@ -79,9 +100,9 @@ async def chat_completions(
     req: ChatBody, state: State, engine: Engine, settings: Settings, worker: Generation, retrieval: Retrieval
 ) -> Response:
     """A reply to the conversation, refused (400 context_length_exceeded) if it does not fit."""
-    run = await state.off_loop(_chat_job, req, engine, settings, retrieval)
+    run, reader = await state.off_loop(_chat_job, req, engine, settings, retrieval)
     job = worker.start(run)
-    return await respond(req, job, settings.model_name, chat=True)
+    return await respond(req, job, settings.model_name, chat=True, reader=reader)
 
 
 @api.post("/completions")

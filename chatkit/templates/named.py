@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chatkit.conversation import Message
-from chatkit.templates.base import Segment
+from chatkit.templates.base import Segment, Tools, refuse_tools_and_reasoning
+from chatkit.templates.replies import PLAIN, Reply, ReplyFormat
 
 _PLACEHOLDERS = {"{eos}": "eos_token", "{bos}": "bos_token"}
 _CONTENT = "message['content']"
@@ -52,13 +53,16 @@ class ChatTemplate:
     """Marker strings a tokenizer must hold as special tokens (one id each, never split), e.g. ChatML's."""
     strip_content: bool = False
     """Strip whitespace around every message's text, as origins that call `.strip()` (Meta's llama2) do."""
-    last_assistant: str | None = None
-    """The trained piece for an assistant message that ends the conversation (None: `assistant`). Lets
-    only a training conversation's final reply carry the stop token, so that past replies in a chat
-    history read as the origin's (openchatkit)."""
+    assistant_before_user: str | None = None
+    """The trained piece for an assistant message followed by a user message (None: `assistant`, then
+    `separator`). Lets a past reply end with the next turn's marker as its trained stop, where the
+    origin's history has no end-of-turn token (openchatkit: " {content}\n<human>:")."""
+    user_after_assistant: str | None = None
+    """Piece for a user message right after an assistant message whose `assistant_before_user` piece
+    already holds the user turn's marker (None: `user`)."""
     separator_after_last: bool = True
     """Whether `separator` also follows an assistant message that ends the conversation; False leaves
-    no untrained text after the final reply's stop token (alpaca, openchatkit)."""
+    no untrained text after the final reply's stop token (alpaca)."""
 
     def _fill(self, piece: str, content: str, eos: str, bos: str) -> str:
         # replace, not str.format: message content may contain braces.
@@ -76,6 +80,8 @@ class ChatTemplate:
             return self.system
         if prev_role == "system" and self.user_after_system is not None:
             return self.user_after_system
+        if prev_role == "assistant" and self.assistant_before_user is not None:
+            return self.user if self.user_after_assistant is None else self.user_after_assistant
         return self.user
 
     def segments(
@@ -84,8 +90,14 @@ class ChatTemplate:
         eos_token: str,
         bos_token: str = "",
         add_generation_prompt: bool = False,
+        *,
+        tools: Tools | None = None,
+        thinking: bool | None = None,
     ) -> list[Segment]:
-        """Render messages as segments; a segment is trained when its message is."""
+        """Render messages as segments; a segment is trained when its message is. These formats have no
+        tool calls, tool results or reasoning: a conversation with any is refused, naming a template
+        that has them (`thinking` is accepted and means nothing here)."""
+        refuse_tools_and_reasoning(self.name, messages, tools)
 
         def fill(piece: str, content: str = "") -> str:
             return self._fill(piece, content, eos_token, bos_token)
@@ -97,11 +109,13 @@ class ChatTemplate:
             text = m.content.strip() if self.strip_content else m.content
             if m.role == "assistant":
                 last = i == len(msgs) - 1
-                piece = self.last_assistant if last and self.last_assistant is not None else self.assistant
                 segs.append(Segment(fill(self.assistant_prefix), False))
-                segs.append(Segment(fill(piece, text), m.trained))
-                if not last or self.separator_after_last:
-                    segs.append(Segment(fill(self.separator), False))
+                if not last and msgs[i + 1].role == "user" and self.assistant_before_user is not None:
+                    segs.append(Segment(fill(self.assistant_before_user, text), m.trained))
+                else:
+                    segs.append(Segment(fill(self.assistant, text), m.trained))
+                    if not last or self.separator_after_last:
+                        segs.append(Segment(fill(self.separator), False))
             else:
                 segs.append(Segment(fill(self._piece(m.role, prev_role), text), m.trained))
             prev_role = m.role
@@ -115,25 +129,53 @@ class ChatTemplate:
         text = generated[len(head) :] if head and generated.startswith(head) else generated
         return text.strip() if self.strip_content else text
 
+    @property
+    def reply_format(self) -> ReplyFormat:
+        """No reasoning nor tool calls: these templates have no format for them."""
+        return PLAIN
+
+    def parse_reply(self, generated: str, tools: bool = True) -> Reply:
+        """The reply is its content, unchanged."""
+        return Reply(generated)
+
     def render(
-        self, messages: Sequence[Message], eos_token: str, bos_token: str = "", add_generation_prompt=False
+        self,
+        messages: Sequence[Message],
+        eos_token: str,
+        bos_token: str = "",
+        add_generation_prompt=False,
+        *,
+        tools: Tools | None = None,
+        thinking: bool | None = None,
     ) -> str:
-        return "".join(s.text for s in self.segments(messages, eos_token, bos_token, add_generation_prompt))
+        segs = self.segments(
+            messages, eos_token, bos_token, add_generation_prompt, tools=tools, thinking=thinking
+        )
+        return "".join(s.text for s in segs)
 
     def _expr(self, piece: str) -> str:
         """A piece as a Jinja expression of the current `message` (trimmed when the origin strips)."""
         return _jinja_piece(piece, _CONTENT + "|trim" if self.strip_content else _CONTENT)
 
     def _jinja_user(self) -> str:
-        """The user branch; with `user_after_system`, chosen by the message before (or the default system)."""
+        """The user branch, chosen by the message before: `user_after_system` after a system message
+        (or the default one), `user_after_assistant` after a reply that holds the user marker."""
         plain = "{{- " + self._expr(self.user) + " -}}"
-        if self.user_after_system is None:
+        prev = "messages[loop.index0 - 1]['role']"
+        branches: list[tuple[str, str]] = []
+        if self.user_after_system is not None:
+            after_system = f"(loop.index0 > 0 and {prev} == 'system')"
+            if self.default_system is not None:  # the default system message goes before messages[0]
+                after_system = "loop.first or " + after_system
+            branches.append((after_system, self.user_after_system))
+        if self.assistant_before_user is not None and self.user_after_assistant is not None:
+            branches.append((f"(loop.index0 > 0 and {prev} == 'assistant')", self.user_after_assistant))
+        if not branches:
             return plain
-        after_system = "(loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system')"
-        if self.default_system is not None:  # the default system message goes before messages[0]
-            after_system = "loop.first or " + after_system
-        after = "{{- " + self._expr(self.user_after_system) + " -}}"
-        return "{%- if " + after_system + " -%}" + after + "{%- else -%}" + plain + "{%- endif -%}"
+        out = ""
+        for k, (cond, piece) in enumerate(branches):
+            out += ("{%- if " if k == 0 else "{%- elif ") + cond + " -%}{{- " + self._expr(piece) + " -}}"
+        return out + "{%- else -%}" + plain + "{%- endif -%}"
 
     def _jinja_assistant(self) -> str:
         # The whole trained piece, its literal head (e.g. a space) included, is the {% generation %}
@@ -145,15 +187,27 @@ class ChatTemplate:
             return "{%- generation -%}{{- " + self._expr(piece) + " -}}{%- endgeneration -%}" + sep
 
         prefix = "{{- " + self._expr(self.assistant_prefix) + " -}}"
-        last_piece = self.assistant if self.last_assistant is None else self.last_assistant
-        if last_piece == self.assistant and self.separator_after_last:
-            return prefix + turn(self.assistant, True)
+        if self.separator_after_last:
+            plain = turn(self.assistant, True)
+        else:
+            plain = (
+                "{%- if loop.last -%}"
+                + turn(self.assistant, False)
+                + "{%- else -%}"
+                + turn(self.assistant, True)
+            )
+            plain += "{%- endif -%}"
+        if self.assistant_before_user is None:
+            return prefix + plain
+        before_user = "(not loop.last and messages[loop.index0 + 1]['role'] == 'user')"
         return (
             prefix
-            + "{%- if loop.last -%}"
-            + turn(last_piece, self.separator_after_last)
+            + "{%- if "
+            + before_user
+            + " -%}"
+            + turn(self.assistant_before_user, False)
             + "{%- else -%}"
-            + turn(self.assistant, True)
+            + plain
             + "{%- endif -%}"
         )
 
@@ -202,15 +256,18 @@ def _jinja_piece(piece: str, content: str = _CONTENT) -> str:
 
 # OpenChatKit (Together): "<human>: ...\n<bot>: ...\n<human>: ...\n<bot>:" is the text of OIG's training
 # documents (LAION-AI/Open-Instruction-Generalist) and of OpenChatKit's bot (togethercomputer/OpenChatKit
-# inference/conversation.py: push_model_response appends `<bot>: {response}\n`, with no eos). chatkit
-# trains only the replies, so each reply's stop signal must be a trained token of the reply: every
-# reply ends with the eos, in training and in the chat history alike (a deliberate, tested difference
-# from OpenChatKit's history, which has none: a model trained here stops on its eos at every turn).
-# Leaving the eos out of past replies was tried and broke multi-turn chat: with no trained stop after
-# an intermediate reply the demo model ran on past it. A row ends with "\n" after its last eos (an
-# untrained token): the demo's tokenizer, trained on these rows, and so its model depend on it, and
-# without it the demo's addition fell from 25/25 to 10/25 held out.
-# "<human>:" stays a stop string, as OpenChatKit's bot.py used it.
+# inference/conversation.py: push_model_response appends `<bot>: {response}\n`, with no eos; training
+# joins whole documents with <|endoftext|> between them). chatkit trains only the replies, so each
+# reply's stop signal must be a trained token of the reply, without changing the history's text:
+# - a reply followed by a user turn ends with that turn's marker, trained: " {reply}\n<human>:". The
+#   model learns to close a reply by opening the next human turn, which the bot stops on, as
+#   OpenChatKit's bot.py does ("<human>:" is a stop string);
+# - a conversation's final reply ends with the eos, trained, as the origin's documents do.
+# The history a chat feeds back is then exactly OpenChatKit's. Leaving the past replies with no
+# trained stop at all was tried and broke multi-turn chat (the demo model ran on past them).
+# A row ends with "\n" after its last eos, untrained and last in its segment (so it changes no loss):
+# the demo's tokenizer is trained on these rows, and without it the demo's addition fell from 25/25 to
+# 10/25 held out.
 OPENCHATKIT = ChatTemplate(
     name="openchatkit",
     system="{content}\n",
@@ -218,6 +275,8 @@ OPENCHATKIT = ChatTemplate(
     assistant_prefix="<bot>:",
     assistant=" {content}{eos}",
     separator="\n",
+    assistant_before_user=" {content}\n<human>:",
+    user_after_assistant=" {content}\n",
     stop_strings=("<human>:",),
     description="OpenChatKit's <human>:/<bot>: format",
 )

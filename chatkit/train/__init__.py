@@ -4,7 +4,10 @@ run.py        a run from a config: process group, run context, engine, data, the
 context.py    Run: config, rank, device, tokenizer, template, method, in one object
 data.py       tokenized sets (cached), each replica's batch stream, validation shards
 method.py     a training method = collate + loss + count (SFT; preference methods plug in here)
-loss.py       token loss, trained-token count, step scaling
+loss.py       token loss, trained-token count, step scaling; Output: logits or hidden states + head
+chunked.py    the loss and log-probabilities from hidden states chunk by chunk, never all logits
+preference.py DPO, IPO, hinge, SimPO, ORPO; reference.py the reference log-probabilities, once
+attention.py  padding-free packed attention (varlen), the attention implementation of a run
 loop.py       fit(): the loop, the same for every engine and method
 engine.py     the Engine protocol the loop uses
 zero.py       ZeRO 0-3 engine (full, LoRA, QLoRA)

@@ -19,10 +19,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_base(cfg: TrainConfig, device: torch.device):
-    """The base model, quantized with bitsandbytes when the recipe asks for it."""
+    """The base model with the recipe's attention implementation, quantized with bitsandbytes when the
+    recipe asks for it."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    from chatkit.train.attention import load_kwargs
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, **load_kwargs(cfg.attention, device)}
     if cfg.quantize == "4bit":
         compute = DTYPES[cfg.precision] if cfg.precision != "fp16" else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(

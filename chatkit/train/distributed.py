@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import secrets
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +17,10 @@ from tqdm import tqdm
 
 VERBOSE_ENV = "CHATKIT_VERBOSE"
 """Set to 1 (or `chatkit.launch --verbose`): DeepSpeed's launcher and import-time log lines are shown."""
+SHARED_DIR_ENV = "CHATKIT_SHARED_OUTPUT_DIR"
+"""Set by chatkit.launch on a launch over several nodes: the output folder, which every node must see."""
+SHARED_WAIT_S = 30.0
+"""How long a node looks for node 0's file: a network file system may show a new file late."""
 
 
 def verbose() -> bool:
@@ -74,9 +81,78 @@ def init_distributed() -> tuple[int, int, torch.device]:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_cpu:
-        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-    get_accelerator().set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(get_accelerator().device_name(local_rank))
+        device = torch.device("cpu")
+    else:
+        get_accelerator().set_device(local_rank)  # before any collective: nccl's objects go through it
+        device = torch.device(get_accelerator().device_name(local_rank))
+    if folder := os.environ.get(SHARED_DIR_ENV):
+        check_shared_output_dir(folder, dist.get_rank())
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_shared_output_dir(folder: str, rank: int, wait_s: float = SHARED_WAIT_S) -> None:
+    """Stop every rank together, with one line, unless `folder` is one folder that every node sees.
+
+    Every rank writes its ZeRO shards into the output folder and rank 0 the `latest` pointer: on folders
+    of their own, nodes would each keep part of every checkpoint, and no node could resume or export one.
+    The launch cannot check it: each node's launcher starts alone, and a node's launcher could not tell a
+    file written by this run's node 0 from one left on its own disk by an earlier run. The ranks can:
+    rank 0 writes a file under a fresh random name, sends the name to every rank, and the first rank of
+    each node looks for it (up to `wait_s`) and writes a file of its own there (every rank writes to the
+    folder). The files are removed. `folder` is each node's own path to it (mount points may differ).
+    """
+    import torch.distributed as dist
+
+    name = [f".chatkit-shared-{secrets.token_hex(8)}" if rank == 0 else ""]
+    problem = None
+    if rank == 0:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / name[0]).write_text(name[0])
+        except OSError as e:
+            problem = f"cannot write there ({e.strerror or e})"
+            name[0] = ""  # nothing for the other nodes to look for
+    dist.broadcast_object_list(name, src=0)
+    if name[0] and rank != 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        problem = _sees(Path(folder) / name[0], wait_s)
+    node = os.environ.get("CROSS_RANK", "?")  # DeepSpeed's launcher: the node's --node_rank
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, (node, socket.gethostname(), folder, problem))
+    if rank == 0 and name[0]:
+        (Path(folder) / name[0]).unlink(missing_ok=True)
+    failed = [(n, host, path, why) for n, host, path, why in found if why]
+    if failed:
+        from chatkit.train.context import RunError
+
+        n, host, path, why = failed[0]
+        more = f" (and {len(failed) - 1} more node(s))" if len(failed) > 1 else ""
+        raise RunError(
+            f"output_dir {found[0][2]} is not one folder shared by every node: node {n} ({host}, {path}) "
+            f"{why}{more}; put output_dir on storage that every node mounts",
+            all_ranks=True,
+        )
+
+
+def _sees(marker: Path, wait_s: float) -> str | None:
+    """None when `marker` (holding its own name) shows up within `wait_s` and its folder takes a file
+    from here; else what went wrong."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if marker.read_text() == marker.name:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return f"does not see the file node 0 wrote there ({marker.name}) after {wait_s:.0f} s"
+        time.sleep(0.2)
+    probe = marker.with_name(f"{marker.name}-{socket.gethostname()}-{os.getpid()}")
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"sees node 0's file but cannot write there ({e.strerror or e})"
+    return None
 
 
 def shutdown_distributed() -> None:

@@ -42,9 +42,10 @@ class Engine(Protocol):
         """{"loss": validation loss per unit, and the method's statistics} over every replica's shard,
         the same on all ranks."""
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """The model's logits for `batch`, without gradients (the reference pass of preference
-        training; every rank calls it as often). The pipeline engine does not offer it."""
+    def token_logps(self, batch: Batch) -> torch.Tensor:
+        """(B, T-1) log-probabilities of `batch`'s next labels, 0 where ignored, without gradients (the
+        reference pass of preference training; every rank calls it as often). The pipeline engine
+        does not offer it."""
 
     def sample(self, prompts: list[str]) -> list[str]:
         """Greedy replies to `prompts`, the same on all ranks (which stop together)."""

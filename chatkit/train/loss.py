@@ -8,10 +8,13 @@ micro-batches and replicas; `step_scale` undoes that average.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from chatkit.tokenization import IGNORE_INDEX
+from chatkit.train.chunked import chunked_token_logps, chunked_token_loss_sum
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -22,6 +25,39 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each position's log-probability of its next label, (B, T-1) fp32, 0 where the label is ignored."""
+    shifted = labels[:, 1:]
+    logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted.clamp(min=0), reduction="none")
+    return logps.masked_fill(shifted == IGNORE_INDEX, 0.0)
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a forward pass hands the method's loss: the logits (B, T, V), or the last hidden states
+    (B, T, C) and the output projection, from which the loss is taken chunk by chunk without the whole
+    logit matrix (chatkit.train.chunked: 800 MB of fp32 logits for one 4,096-token row of a 50k
+    vocabulary). Methods ask for what they need, a summed loss or per-token log-probabilities, and
+    never see which one the engine chose."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def loss_sum(self, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy over trained positions (`token_loss_sum`)."""
+        if self.logits is not None:
+            return token_loss_sum(self.logits, labels)
+        return chunked_token_loss_sum(self.hidden, self.weight, labels, bias=self.bias)
+
+    def token_logps(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, T-1) log-probabilities of the next labels, 0 where ignored (`token_logps`)."""
+        if self.logits is not None:
+            return token_logps(self.logits, labels)
+        return chunked_token_logps(self.hidden, self.weight, labels, bias=self.bias)
 
 
 def trained_count(batch: dict[str, torch.Tensor]) -> int:

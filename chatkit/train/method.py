@@ -1,7 +1,7 @@
 """Training methods: what turns rows into a loss. The loop and the engines never look inside one.
 
 A method is a collate (rows of tokenized examples -> a batch of tensors) plus a loss (the model's
-logits and that batch -> a summed loss and summed statistics) plus the count that loss is normalised
+output, chatkit.train.loss.Output, and that batch -> a summed loss and summed statistics) plus the count that loss is normalised
 by. Supervised fine-tuning is the first; preference training (DPO and its relatives,
 chatkit.train.preference) is the second: its own three functions, not a new loop.
 """
@@ -17,7 +17,7 @@ import torch
 
 from chatkit.config import TrainConfig
 from chatkit.data import collate_pairs, collate_rows
-from chatkit.train.loss import token_loss_sum, trained_count
+from chatkit.train.loss import Output, trained_count
 from chatkit.train.preference import STATS, PreferenceLoss, pair_count, preference_loss
 
 Batch = dict[str, torch.Tensor]
@@ -28,9 +28,9 @@ class Method:
     name: str
     collate: Callable[[Sequence[Sequence[Any]], int], Batch]
     """Rows (each a list of whole examples packed together) and the pad id -> a batch (B, T)."""
-    loss: Callable[[torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
-    """Logits (B, T, V) and the batch -> (summed loss, summed statistics in `stat_names` order); both
-    are divided later by the `count`s of the whole step."""
+    loss: Callable[[Output, Batch], tuple[torch.Tensor, torch.Tensor]]
+    """The model's output (logits, or hidden states and head) and the batch -> (summed loss, summed
+    statistics in `stat_names` order); both are divided later by the `count`s of the whole step."""
     count: Callable[[Batch], int]
     """The units the loss is a sum over (trained tokens for SFT, pairs for preference losses)."""
     stat_names: tuple[str, ...] = ()
@@ -43,11 +43,11 @@ class Method:
 
     def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The summed loss alone (the pipeline engine's loss function)."""
-        return self.loss(logits, batch)[0]
+        return self.loss(Output(logits=logits), batch)[0]
 
 
-def _sft_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    return token_loss_sum(logits, batch["labels"]), torch.zeros(0)
+def _sft_loss(output: Output, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return output.loss_sum(batch["labels"]), torch.zeros(0)
 
 
 SFT = Method("sft", collate_rows, _sft_loss, trained_count)

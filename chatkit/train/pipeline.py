@@ -41,10 +41,13 @@ def pipeline_batch(batch: Batch, scale: float) -> tuple[tuple, tuple]:
 
 
 def load_model(run: Run):
-    """The whole model in fp32; `build_pipeline` keeps each stage's layers only."""
+    """The whole model in fp32 with the recipe's attention; `build_pipeline` keeps each stage's layers."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(run.cfg.model, dtype=torch.float32)
+    from chatkit.train.attention import load_kwargs
+
+    attention = load_kwargs(run.cfg.attention, run.device)
+    model = AutoModelForCausalLM.from_pretrained(run.cfg.model, dtype=torch.float32, **attention)
     check_context(model.config, run.cfg)
     if run.added_tokens:
         model.resize_token_embeddings(len(run.tokenizer))
@@ -122,7 +125,7 @@ class PipelineEngine:
         items = [pipeline_batch(b, scale) for b in batches]
         return {"loss": float(self.engine.eval_batch(data_iter=iter(items), num_micro_batches=len(items)))}
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def token_logps(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError("the pipeline engine trains sft only (config validation says so)")
 
     def _next_token(self, ids: list[int]) -> int:

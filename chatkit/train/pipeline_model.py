@@ -9,8 +9,10 @@ The pipeline is a flat list of layers, each taking and returning a tuple of tens
                                    module again (TiedLayerSpec "embed") used as a projection
 
 Positions and segment ids ride along as integer tensors (the engine sends no gradient for them), so
-every decoder layer rebuilds the rotary cos/sin and the block-diagonal mask exactly as the
-non-pipeline trainer's single forward does: packed conversations stay isolated.
+every decoder layer rebuilds the rotary cos/sin and, from the restarting positions, whatever its
+attention implementation needs to keep packed conversations apart (chatkit.train.attention): nothing
+for varlen, cumulative lengths for FA2, transformers' own mask for sdpa, eager and flex_attention;
+exactly what the non-pipeline trainer's single forward uses.
 
 The layers wrap the modules of an already loaded HF model, so their weights are the base model's.
 DeepSpeed saves layer i of a checkpoint as `layer_{i:02d}-model_states.pt` holding that wrapper's
@@ -21,13 +23,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from chatkit.architectures import get_architecture
-from chatkit.data import block_causal_mask
+from chatkit.train.attention import packed_forward_kwargs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 class EmbeddingPipe(nn.Module):
@@ -47,21 +53,36 @@ def tied_logits(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderPipe(nn.Module):
-    """One HF decoder layer. The rotary module holds no parameters, only its frequency buffers."""
+    """One HF decoder layer. The rotary module holds no parameters, only its frequency buffers; the
+    model's config names the attention implementation (its `_attn_implementation`)."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module):
+    def __init__(self, layer: nn.Module, rotary: nn.Module, config: PreTrainedConfig):
         super().__init__()
         self.layer = layer
         self.rotary = rotary
+        self.config = config
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids, segment_ids = inputs
-        # Rebuilt per layer (cheap next to attention) so no float mask has to cross stages.
-        mask = block_causal_mask(segment_ids, hidden.dtype)  # (B, 1, T, T)
+        # Rebuilt per layer (cheap next to attention) so no mask has to cross stages.
+        kwargs = layer_attention_kwargs(self.config, hidden, position_ids)
         cos_sin = self.rotary(hidden, position_ids=position_ids)
-        out = self.layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin)
+        out = self.layer(hidden, position_embeddings=cos_sin, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
         return hidden, position_ids, segment_ids
+
+
+def layer_attention_kwargs(
+    config: PreTrainedConfig, hidden: torch.Tensor, position_ids: torch.Tensor
+) -> dict[str, Any]:
+    """A decoder layer's arguments for packed rows, as the HF model's forward would pass them:
+    `packed_forward_kwargs` with `attention_mask` from transformers' `create_causal_mask`, which finds
+    the packed sequences from the positions (None for varlen and FA2, which need no mask)."""
+    from transformers.masking_utils import create_causal_mask
+
+    kwargs = packed_forward_kwargs(position_ids, config._attn_implementation)
+    kwargs["attention_mask"] = create_causal_mask(config, hidden, None, None, position_ids=position_ids)
+    return kwargs
 
 
 class NormPipe(nn.Module):
@@ -108,7 +129,7 @@ def layer_specs(model) -> list:
         else LayerSpec(EmbeddingPipe, embed, dropout)
     )
     specs = [first]
-    specs += [LayerSpec(DecoderPipe, layer, base.rotary_emb) for layer in base.layers]
+    specs += [LayerSpec(DecoderPipe, layer, base.rotary_emb, model.config) for layer in base.layers]
     specs.append(LayerSpec(NormPipe, getattr(base, names.norm)))
     if tied:
         specs.append(

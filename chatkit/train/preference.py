@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from chatkit.tokenization import IGNORE_INDEX
+from chatkit.train.loss import Output
 
 Batch = dict[str, torch.Tensor]
 
@@ -59,21 +60,22 @@ class PreferenceLoss:
         return self.kind not in REFERENCE_FREE
 
 
-def sequence_logps(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(output: Output, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities and scored-token counts of every sequence, (2P,) each, in
-    `sequence_ids` order (pair k's chosen at 2k, rejected at 2k+1). Only one (B, T, V) float tensor is
-    formed, as for the supervised loss."""
-    labels = batch["labels"][:, 1:]
-    token_logps = -F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none"
-    )  # (B, T-1)
-    scored = labels != IGNORE_INDEX
+    `sequence_ids` order (pair k's chosen at 2k, rejected at 2k+1). From the logits, at most one
+    (B, T, V) float tensor is formed, as for the supervised loss; from hidden states, none."""
+    return sequence_sums(output.token_logps(batch["labels"]), batch)
+
+
+def sequence_sums(token_logps: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` from per-position log-probabilities (B, T-1) already taken."""
+    scored = batch["labels"][:, 1:] != IGNORE_INDEX
     seq = batch["sequence_ids"][:, 1:][scored]
     n = 2 * batch["pair_weight"].numel()
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=logits.device).index_add(
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(
         0, seq, token_logps[scored]
     )
-    counts = torch.zeros(n, dtype=token_logps.dtype, device=logits.device).index_add(
+    counts = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(
         0, seq, torch.ones_like(seq, dtype=token_logps.dtype)
     )
     return sums, counts
@@ -113,11 +115,9 @@ def pair_losses(
     return losses, beta * ratio_c.detach(), beta * ratio_r.detach()
 
 
-def preference_loss(
-    loss: PreferenceLoss, logits: torch.Tensor, batch: Batch
-) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_loss(loss: PreferenceLoss, output: Output, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's summed pair loss and its summed statistics (STATS order); filler pairs add nothing."""
-    logps, counts = sequence_logps(logits, batch)
+    logps, counts = sequence_logps(output, batch)
     losses, r_c, r_r = pair_losses(loss, logps, counts, batch["reference"])
     w = batch["pair_weight"].to(losses.dtype)
     stats = torch.stack(

@@ -29,7 +29,7 @@ from chatkit.data import Batches, TokenizedSet, collate_pairs, default_cache_dir
 from chatkit.io import atomic_open
 from chatkit.train.context import Run
 from chatkit.train.data import filler
-from chatkit.train.preference import sequence_logps
+from chatkit.train.preference import sequence_sums
 
 
 def model_key(run: Run) -> str:
@@ -77,7 +77,7 @@ def compute(run: Run, engine, ts: TokenizedSet, todo: np.ndarray) -> np.ndarray:
         chunk = rows[r * cfg.micro_batch_size : (r + 1) * cfg.micro_batch_size]
         idx = [j for row in chunk for j in row]
         batch = collate_pairs([[ts.example(j) for j in row] for row in chunk] or [[spare]], run.pad_id)
-        logps, _ = sequence_logps(engine.logits(batch), batch)
+        logps, _ = sequence_sums(engine.token_logps(batch), batch)
         if idx:
             out[idx] = logps.detach().double().view(-1, 2)[: len(idx)]
         bar.update(min(len(idx) * engine.dp_world, len(todo) - bar.n))

@@ -1,26 +1,31 @@
 """The ZeRO engine: a Hugging Face model (full, LoRA or QLoRA) under DeepSpeed ZeRO stage 0-3.
 
 Every rank is a data-parallel replica; ZeRO shards optimizer states (1), gradients (2) and weights (3)
-over them. Packed rows attend block-diagonally (per-conversation positions and a segment mask).
+over them. Packed rows attend block-diagonally: positions restart per conversation and the attention
+implementation keeps conversations apart from them (chatkit.train.attention).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from loguru import logger
 
-from chatkit.data import TokenizedSet, block_causal_mask
+from chatkit.data import TokenizedSet
 from chatkit.train import adapters, checkpoint
+from chatkit.train.attention import packed_forward_kwargs
+from chatkit.train.chunked import call_in_engine_forward, chunking_helps
 from chatkit.train.context import Run, check_context
 from chatkit.train.data import val_shard
 from chatkit.train.distributed import all_sum
 from chatkit.train.dsconfig import lr_lambda, resolve_ds_config
 from chatkit.train.engine import Batch
-from chatkit.train.loss import per_unit, step_scale
+from chatkit.train.loss import Output, per_unit, step_scale
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -86,16 +91,49 @@ class ZeroEngine:
     def dp_sum(self, values: list[float]) -> list[float]:
         return all_sum(values, self.run.device)
 
-    def _logits(self, batch: Batch) -> torch.Tensor:
-        """Logits with per-conversation positions and block-diagonal causal attention."""
-        dtype = next(self.engine.module.parameters()).dtype
-        mask = block_causal_mask(batch["segment_ids"], dtype)
-        return self.engine(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).logits  # no KV cache in training (with gradient checkpointing transformers would warn per rank)
+    def _head(self) -> torch.nn.Linear | None:
+        """The output projection when the chunked loss can use it: a plain linear layer (not one
+        wrapped by LoRA or quantised), else None."""
+        model = self.engine.module
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = hf.get_output_embeddings()
+        return head if type(head) is torch.nn.Linear else None
+
+    def _chunked(self, batch: Batch) -> bool:
+        """Whether this micro-batch's loss comes from hidden states chunk by chunk (chatkit.train.chunked):
+        `chunked_loss: always`, or `auto` where it needs at most half the full-logits loss's memory."""
+        mode, head = self.run.cfg.chunked_loss, self._head()
+        if head is None or mode == "never":
+            return False
+        if mode == "always":
+            return True
+        b, t = batch["input_ids"].shape
+        return chunking_helps(
+            b * t, head.out_features, head.in_features, trains_head=head.weight.requires_grad
+        )
+
+    def _forward(self, batch: Batch, fn: Callable[[Output], Any]) -> Any:
+        """`fn` of the model's output for `batch`, with per-conversation positions and block-diagonal
+        causal attention found from the restarting positions by the attention implementation
+        (chatkit.train.attention): no (T, T) mask from chatkit, none at all with varlen. No KV cache: it
+        would turn that detection off (and with gradient checkpointing transformers would warn on
+        every rank).
+
+        The output is the logits, or, when chunking helps, the last hidden states and the head: then
+        `fn` runs inside the engine's forward, where ZeRO-3 gathers the head weight the chunked loss
+        reads by attribute (chatkit.train.chunked.call_in_engine_forward)."""
+        kwargs = packed_forward_kwargs(batch["position_ids"], self.run.cfg.attention)
+        if not self._chunked(batch):
+            return fn(Output(logits=self.engine(input_ids=batch["input_ids"], **kwargs).logits))
+
+        def forward() -> Any:
+            model = self.engine.module
+            hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hidden = hf.base_model(input_ids=batch["input_ids"], **kwargs).last_hidden_state
+            head = hf.get_output_embeddings()
+            return fn(Output(hidden=hidden, weight=head.weight, bias=head.bias))
+
+        return call_in_engine_forward(self.engine, forward)
 
     def train_step(self, micro: list[Batch], count: float) -> dict[str, float]:
         # DeepSpeed divides by the accumulation steps and averages over ranks: the scale undoes both.
@@ -104,7 +142,7 @@ class ZeroEngine:
         sums = torch.zeros(1 + len(method.stat_names), dtype=torch.float64)
         for b in micro:
             b = to_device(b, self.run.device)
-            loss_sum, stats = method.loss(self._logits(b), b)
+            loss_sum, stats = self._forward(b, functools.partial(method.loss, batch=b))
             self.engine.backward(loss_sum * scale)
             self.engine.step()
             sums += torch.cat([loss_sum.detach().reshape(1), stats]).double().cpu()
@@ -120,17 +158,19 @@ class ZeroEngine:
                 batch = to_device(
                     method.collate([[e] for e in shard[i : i + mbs]], self.run.pad_id), self.run.device
                 )
-                loss_sum, stats = method.loss(self._logits(batch), batch)
+                loss_sum, stats = self._forward(batch, functools.partial(method.loss, batch=batch))
                 sums[:-1] += torch.cat([loss_sum.reshape(1), stats]).double().cpu()
                 sums[-1] += method.count(batch)
         *totals, count = self.dp_sum(sums.tolist())
         return per_unit(method.stat_names, totals, count)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Logits of `batch` without gradients, in eval mode (collective under ZeRO-3: every rank calls
-        it as often). The reference pass of preference training (chatkit.train.reference) uses it."""
+    def token_logps(self, batch: Batch) -> torch.Tensor:
+        """(B, T-1) log-probabilities of `batch`'s next labels without gradients, in eval mode
+        (collective under ZeRO-3: every rank calls it as often). The reference pass of preference
+        training (chatkit.train.reference) uses it."""
+        batch = to_device(batch, self.run.device)
         with self._inference():
-            return self._logits(to_device(batch, self.run.device))
+            return self._forward(batch, lambda out: out.token_logps(batch["labels"]))
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
