@@ -12,7 +12,8 @@
 #      exported to Hugging Face format; then bf16 for 4 steps;
 #   4. with two GPUs or more: a 2-stage pipeline run (the Pythia recipe's tiny variant);
 #   5. attention memory and speed at 2K-32K tokens (bench/long_context.py on the GPU);
-#   6. decode speed (bench/chat_latency.py --quick).
+#   6. decode speed (bench/chat_latency.py --quick);
+#   and vLLM parity: the first recipe's export served by vLLM says what the bot says (tools/vllm_parity.py).
 # Everything lands in outputs/gpu-check/ (one log per step, summary.txt); the exit status is the
 # number of failed steps (0: all passed), so a CI job can run it as it is.
 set -uo pipefail
@@ -98,6 +99,10 @@ if [ "$DRY" = 1 ] || [ "$gpus" -ge 2 ]; then
 else
     skip pipeline-2gpu "one GPU: a pipeline needs two"
 fi
+
+# vLLM serving the first recipe's export: the same prompt and greedy reply as the bot (skips without vllm)
+first=$(echo $RECIPES | awk '{print $1}')
+run vllm-parity "$PY" tools/vllm_parity.py --model "$OUT/$first-fp16/hf"
 
 # 5. attention memory and speed at 2K-32K tokens; 6. decode speed
 run long-context "$PY" bench/long_context.py

@@ -38,6 +38,9 @@ class Architecture:
     """Weight matrices of one MLP block: 2 (up, down) or 3 (gated: gate, up, down)."""
     mlp_width: tuple[int, int] = (4, 1)
     """MLP width as a fraction of the hidden size, (numerator, denominator): `intermediate_size`."""
+    pipeline: bool = True
+    """Whether the pipeline engine can split it: its stages are the embedding, plain decoder layers, the
+    norm and the head. Gemma 2 scales its embeddings and soft-caps its logits outside those modules."""
 
     def intermediate_size(self, hidden: int) -> int:
         """The MLP width of a model of this family `hidden` wide (a tiny model built at another width):
@@ -85,14 +88,32 @@ class Architecture:
         return n * (4 * h * h + self.mlp_matrices * h * i) + 2 * vocab * h
 
 
+_LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt_neox": Architecture(
         "gpt_neox", "tiny", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
         base="gpt_neox", embed="embed_in", norm="final_layer_norm", head="lm_head", embed_dropout="emb_dropout",
     ),
     "llama": Architecture(
-        "llama", "tiny-llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "llama", "tiny-llama", _LLAMA_LINEAR,
         base="model", embed="embed_tokens", norm="norm", head="lm_head", mlp_matrices=3, mlp_width=(8, 3),
+    ),
+    # Llama-shaped families of 2024-25: the same module names, a gated MLP (Mistral's and Qwen3's
+    # intermediate size is 3.5x and 3x the hidden size; Gemma 2's 4x), q/k norms (Qwen3) and
+    # soft-capping (Gemma 2) holding no linear weights.
+    "mistral": Architecture(
+        "mistral", "tiny-mistral", _LLAMA_LINEAR,
+        base="model", embed="embed_tokens", norm="norm", head="lm_head", mlp_matrices=3, mlp_width=(7, 2),
+    ),
+    "qwen3": Architecture(
+        "qwen3", "tiny-qwen3", _LLAMA_LINEAR,
+        base="model", embed="embed_tokens", norm="norm", head="lm_head", mlp_matrices=3, mlp_width=(3, 1),
+    ),
+    "gemma2": Architecture(
+        "gemma2", "tiny-gemma2", _LLAMA_LINEAR,
+        base="model", embed="embed_tokens", norm="norm", head="lm_head", mlp_matrices=3, mlp_width=(4, 1),
+        pipeline=False,
     ),
 }  # fmt: skip
 

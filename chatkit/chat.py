@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -174,6 +174,12 @@ def _next_token(logits: torch.Tensor, p: GenerationParams, generator: torch.Gene
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def sampling_generator(seed: int | None) -> torch.Generator | None:
+    """A request's own random stream when it has a seed (the same seed, the same reply, whatever else
+    runs); None: torch's global one."""
+    return torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+
+
 def load_model(
     path: str | Path,
     device: torch.device,
@@ -305,6 +311,38 @@ def _input_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _info(info: StreamInfo | None) -> StreamInfo:
+    return info if info is not None else StreamInfo()
+
+
+@dataclass(eq=False)
+class Decoding:
+    """One reply, ready to decode: what `ChatEngine.stream` and `complete` return.
+
+    Iterating it decodes alone (the shell bot, `ChatEngine.reply`); nothing runs before the first
+    piece is asked for. The server hands it instead to a `chatkit.batching.BatchDecoder`, which reads
+    the same fields and decodes it together with other requests."""
+
+    engine: ChatEngine
+    ids: list[int]
+    """The prompt's token ids."""
+    reply: ReplyAssembler
+    params: GenerationParams
+    seed: int | None
+    info: StreamInfo
+    cancel: threading.Event | None
+    _pieces: Iterator[str] | None = field(default=None, init=False, repr=False)
+
+    def __iter__(self) -> Decoding:
+        return self
+
+    def __next__(self) -> str:
+        if self._pieces is None:
+            e = self.engine
+            self._pieces = e._decode(self.ids, self.reply, self.params, self.seed, self.info, self.cancel)
+        return next(self._pieces)
+
+
 class ChatEngine:
     def __init__(
         self,
@@ -354,7 +392,9 @@ class ChatEngine:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_model(path, dev, dtype, max_memory, quantize)
         device_mapped = max_memory is not None or quantize is not None
-        return cls(model, tokenizer, get_template(name, tokenizer), None if device_mapped else dev)
+        reasoning = read_meta(path).get("reasoning") if template is None else None
+        template_obj = get_template(name, tokenizer, reasoning=reasoning)
+        return cls(model, tokenizer, template_obj, None if device_mapped else dev)
 
     def prompt_ids(
         self,
@@ -441,7 +481,7 @@ class ChatEngine:
         cancel: threading.Event | None = None,
         tools: Tools | None = None,
         thinking: bool | None = None,
-    ) -> Iterator[str]:
+    ) -> Decoding:
         """Yield pieces of the reply as they become certain; their concatenation is the reply.
 
         `stop` adds stop strings to the template's; `info` receives token counts and the finish
@@ -451,7 +491,7 @@ class ChatEngine:
         p = params or GenerationParams()
         ids = self.prompt_ids(messages, p.max_new_tokens, tools=tools, thinking=thinking)
         asm = ReplyAssembler(self.tokenizer, self.template, stop)
-        return self._decode(ids, asm, p, seed, info, cancel)
+        return Decoding(self, ids, asm, p, seed, _info(info), cancel)
 
     def complete(
         self,
@@ -462,7 +502,7 @@ class ChatEngine:
         stop: Sequence[str] = (),
         info: StreamInfo | None = None,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
+    ) -> Decoding:
         """Stream a continuation of raw text (no chat template; only `stop` and eos end it)."""
         p = params or GenerationParams()
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -471,7 +511,7 @@ class ChatEngine:
                 f"the prompt ({len(ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) does not fit "
                 f"the model's context of {self.context_length} tokens"
             )
-        return self._decode(ids, ReplyAssembler(self.tokenizer, None, stop), p, seed, info, cancel)
+        return Decoding(self, ids, ReplyAssembler(self.tokenizer, None, stop), p, seed, _info(info), cancel)
 
     # no_grad, not inference_mode: training samples replies with the model it trains (ZeRO-3 keeps small
     # parameters gathered after a forward, and ones gathered in inference mode would be inference
@@ -488,7 +528,7 @@ class ChatEngine:
     ) -> Iterator[str]:
         info = info if info is not None else StreamInfo()
         info.prompt_tokens, info.completion_tokens, info.finish_reason = len(ids), 0, "length"
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        gen = sampling_generator(seed)
         input_ids = torch.tensor([ids], device=self.device)
         past, extra = None, self._last_logits_only
         for _ in range(p.max_new_tokens):
@@ -500,20 +540,28 @@ class ChatEngine:
             tok = _next_token(out.logits[0, -1].cpu(), p, gen)
             if self.token_sync is not None:
                 tok = self.token_sync(tok)
-            info.completion_tokens += 1
-            if tok in self.eos_ids:
-                info.finish_reason = "stop"
-                break
-            piece = reply.push(tok)
+            piece, ended = self.accept(tok, reply, info)
             if piece:
                 yield piece
-            if reply.stopped:
-                info.finish_reason = "stop"
+            if ended:
                 break
             input_ids = torch.tensor([[tok]], device=self.device)
         piece = reply.finish()
         if piece:
             yield piece
+
+    def accept(self, tok: int, reply: ReplyAssembler, info: StreamInfo) -> tuple[str, bool]:
+        """One generated token into `reply`: (the text it makes certain, whether the reply has ended).
+        Decoding alone (`_decode`) and batched (`chatkit.batching`) take every token through here, so
+        a reply ends, counts and reads the same both ways."""
+        info.completion_tokens += 1
+        if tok in self.eos_ids:
+            info.finish_reason = "stop"
+            return "", True
+        piece = reply.push(tok)
+        if reply.stopped:
+            info.finish_reason = "stop"
+        return piece, reply.stopped
 
     def reply(self, messages: Sequence[Message], params: GenerationParams | None = None, seed=None) -> str:
         return "".join(self.stream(messages, params, seed))

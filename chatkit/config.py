@@ -62,6 +62,10 @@ class TrainConfig:
     the bot shows it when it starts (the demo lists its four tasks)."""
     template: str = "openchatkit"
     """Chat template name (chatkit.templates); embedded in every export."""
+    reasoning: str = "train"
+    """An assistant message's `reasoning` where the template renders it (qwen3, hf): train (a trained
+    part of the reply) or context (in the text, untrained). Past turns keep, drop or empty it as the
+    family's own template does. Recorded in every checkpoint and export."""
     output_dir: str = "outputs/run"
     """Where checkpoints, logs and metrics.jsonl go (not empty)."""
     deepspeed: str = "zero3"
@@ -133,6 +137,13 @@ class TrainConfig:
     """Keep only the newest N checkpoints (0 keeps all)."""
     resume: str = ""
     """auto (the latest checkpoint in output_dir, if any) or a checkpoint folder; empty starts fresh."""
+    preempt_grace_s: float = 120.0
+    """Seconds the run has after SIGTERM or SIGUSR1 (preemption; Slurm: --signal=USR1@120) to finish its
+    step, save a checkpoint and exit 0 before the launcher kills it: a step plus a save, with room."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank may wait in one collective before the run counts as hung: every rank's Python stack
+    and last collective go to the log, and the run exits 1 (0: no watchdog). Longer than a rank ever
+    works alone while others wait (rank 0 hashing a large checkpoint's files)."""
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end, when val_files is set)."""
     log_every: int = 1
@@ -200,6 +211,12 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not 0 <= getattr(self, name) < math.inf:
                 errors.append(f"{name}: must be 0 or more and finite, got {getattr(self, name)}")
+        if not 0 < self.preempt_grace_s < math.inf:
+            errors.append(f"preempt_grace_s: must be positive and finite, got {self.preempt_grace_s}")
+        if not 0 <= self.collective_timeout_s < math.inf:
+            errors.append(
+                f"collective_timeout_s: must be 0 or more and finite, got {self.collective_timeout_s}"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             errors.append(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.epochs < math.inf:
@@ -250,6 +267,8 @@ class TrainConfig:
             errors.append(f"optim: must be adamw or adamw8bit, got {self.optim!r}")
         from chatkit.train.attention import IMPLEMENTATIONS
 
+        if self.reasoning not in ("train", "context"):
+            errors.append(f"reasoning: must be train or context, got {self.reasoning!r}")
         if self.chunked_loss not in ("auto", "always", "never"):
             errors.append(f"chunked_loss: must be one of auto, always, never, got {self.chunked_loss!r}")
         if self.attention not in IMPLEMENTATIONS:

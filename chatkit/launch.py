@@ -22,6 +22,10 @@ refused instead of trained on CPU ranks, unless CPU ranks are asked for (`--num-
 Several nodes: one launch per node, each given the same --hostfile, --master-addr and --master-port and
 its own --node-rank; the ranks then check that output_dir is one folder every node sees
 (chatkit.train.distributed.check_shared_output_dir).
+
+SIGTERM or SIGUSR1 (preemption) asks the ranks to save a checkpoint after their current step and
+stop; the launch then exits 0 and prints the command that resumes (run_group, chatkit.train.preemption).
+Ctrl-C stops the run at once, as before.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,12 +53,14 @@ from chatkit.architectures import ARCHITECTURES
 from chatkit.config import ConfigError, TrainConfig, config_error, read_config
 from chatkit.models import spec_for_path
 from chatkit.plan import World, base_config, ds_preset, plan_lines
+from chatkit.train import preemption
 from chatkit.train.distributed import SHARED_DIR_ENV, VERBOSE_ENV, verbose
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-STOP_GRACE_S = 10.0  # after a forwarded signal, how long the run has to exit before SIGKILL
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+STOP_GRACE_S = 10.0  # after a forwarded signal, how long the run has to exit before SIGKILL (preemption:
+# SIGTERM, SIGUSR1 ask the ranks to save, and the run has the recipe's preempt_grace_s; see run_group)
 DEFAULT_MASTER_PORT = 29500  # DeepSpeed's and torch's: several nodes must agree on a port
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 NVIDIA_DEVICE = Path("/dev/nvidia0")  # the first GPU's device node, there while the NVIDIA driver is loaded
@@ -667,31 +674,86 @@ def _stop_group(pgid: int, grace: float) -> None:
             time.sleep(0.1)
 
 
-def run_group(cmd: list[str], env: dict[str, str], grace: float = STOP_GRACE_S) -> int:
+def _say(line: str) -> None:
+    with contextlib.suppress(OSError, ValueError):  # not print(): a handler may interrupt one
+        os.write(sys.stderr.fileno(), f"{line}\n".encode())
+
+
+def _preemption(env: dict[str, str] | None) -> tuple[Path | None, float]:
+    """(the launch folder the ranks register in, the preemption grace) that `env` names; (None, 0)
+    when it names none: SIGTERM and SIGUSR1 then stop the group as SIGINT does."""
+    folder = (env or {}).get(preemption.LAUNCH_DIR_ENV)
+    if not folder:
+        return None, 0.0
+    return Path(folder), float((env or {}).get(preemption.GRACE_ENV) or 120)
+
+
+def _tell_ranks(pgid: int, folder: Path, signum: int, told: set[int]) -> None:
+    """Send `signum` to the ranks registered in `folder` and not yet told; a pid that is not in the
+    run's process group (any more) is left alone."""
+    for pid in preemption.rank_pids(folder):
+        if pid in told:
+            continue
+        told.add(pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pgid:
+                os.kill(pid, signum)
+
+
+def _ignore_preemption_signals() -> None:
+    """In DeepSpeed's runner, before it execs (and so in its per-node launcher, which inherits it): a
+    SIGTERM or SIGUSR1 sent to every process of the job (Slurm signals a job step so) leaves both
+    alone; the ranks set handlers of their own. The per-node launcher still sets its SIGTERM handler."""
+    for signum in preemption.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def run_group(cmd: list[str], env: dict[str, str] | None, grace: float = STOP_GRACE_S) -> int:
     """Run `cmd` (DeepSpeed's runner) in a session and process group of its own, which its launcher and
     ranks join, and return its exit status; nothing it started outlives this call.
 
-    SIGINT, SIGTERM or SIGHUP to this process go to the whole group (a Ctrl-C on the terminal reaches
-    this process only, as the group has left the terminal's); the run then has `grace` seconds before
-    the group is killed (a second signal kills it at once), and the status is 128 + the signal."""
+    SIGINT, SIGHUP (and SIGTERM, SIGUSR1 without preemption) to this process go to the whole group (a
+    Ctrl-C on the terminal reaches this process only, as the group has left the terminal's); the run
+    then has `grace` seconds before the group is killed (a second signal kills it at once), and the
+    status is 128 + the signal.
+
+    Preemption, when `env` names a launch folder and a grace (chatkit.train.preemption; main does):
+    SIGTERM and SIGUSR1 go to the ranks registered there, and only to them (DeepSpeed's per-node
+    launcher would kill them 30 s later and exit 1); they finish their step, save and exit 0. The run
+    has the preemption grace before the group is killed, repeats of these signals change nothing, and
+    the status is 0 when the run saved (or finished), else 128 + the signal."""
+    folder, preempt_grace = _preemption(env)
     received: list[int] = []
+    stops: list[int] = []  # signals that stop the group, as opposed to asking the ranks to save
+    told: set[int] = set()
     proc: subprocess.Popen | None = None
 
-    def forward(signum: int, frame) -> None:
+    def on_signal(signum: int, frame) -> None:
         received.append(signum)
+        name = signal.Signals(signum).name
+        if folder is not None and signum in preemption.SIGNALS and not stops:
+            if proc is not None:
+                _tell_ranks(proc.pid, folder, signum, told)
+            if len(received) == 1:
+                _say(
+                    f"launch: {name}: asking the run to save a checkpoint and stop (killed in "
+                    f"{preempt_grace:.0f} s otherwise: preempt_grace_s)"
+                )
+            return
+        stops.append(signum)
         if proc is not None:
-            again = len(received) > 1
+            again = len(stops) > 1
             _signal_group(proc.pid, signal.SIGKILL if again else signum)
-            what = "killing" if again else "stopping"
-            line = f"launch: {signal.Signals(signum).name}: {what} the run (process group {proc.pid})\n"
-            with contextlib.suppress(OSError, ValueError):  # not print(): a handler may interrupt one
-                os.write(sys.stderr.fileno(), line.encode())
+            _say(f"launch: {name}: {'killing' if again else 'stopping'} the run (process group {proc.pid})")
 
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
-        proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), start_new_session=True)
-        if received:  # a signal came before the group existed
-            _signal_group(proc.pid, received[0])
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=os.getcwd(), start_new_session=True,
+            preexec_fn=_ignore_preemption_signals if folder is not None else None,
+        )  # fmt: skip
+        if stops:  # a signal came before the group existed
+            _signal_group(proc.pid, stops[0])
         deadline = None
         while True:
             try:
@@ -699,8 +761,12 @@ def run_group(cmd: list[str], env: dict[str, str], grace: float = STOP_GRACE_S) 
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if received and not stops:  # preemption: the ranks registered since are told too
+                _tell_ranks(proc.pid, folder, received[0], told)
             if received and deadline is None:
-                deadline = time.monotonic() + grace
+                deadline = time.monotonic() + (grace if stops else preempt_grace)
+            if stops and deadline is not None:
+                deadline = min(deadline, time.monotonic() + grace)
             if deadline is not None and time.monotonic() > deadline:
                 _signal_group(proc.pid, signal.SIGKILL)
         _stop_group(proc.pid, grace)  # ranks the runner left behind (killed, or it crashed)
@@ -710,6 +776,8 @@ def run_group(cmd: list[str], env: dict[str, str], grace: float = STOP_GRACE_S) 
             proc.wait()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if received and not stops and (status == 0 or preemption.stopped(folder)):
+        return 0  # saved (a failure the per-node launcher reports, when it was signalled too, is none)
     if received:
         return 128 + received[0]
     return status if status >= 0 else 128 - status  # killed by a signal from elsewhere: as a shell says
@@ -853,10 +921,27 @@ def main(argv: list[str] | None = None) -> None:
         print(line, file=sys.stderr)
     tokenize_data(cfg)
     prebuild_cpu_adam(cfg, world.gpu)
-    status = run_group(cmd, env)
+    folder = Path(tempfile.mkdtemp(prefix="chatkit-launch-"))  # where the ranks register (preemption)
+    env[preemption.LAUNCH_DIR_ENV], env[preemption.GRACE_ENV] = str(folder), str(cfg.preempt_grace_s)
+    try:
+        status = run_group(cmd, env)
+        stopped = preemption.stopped(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if stopped:
+        print(resume_line(stopped, sys.argv[1:] if argv is None else argv), file=sys.stderr)
     if line := failure_line(status):
         print(line, file=sys.stderr)
     sys.exit(status)
+
+
+def resume_line(stopped: dict, argv: list[str]) -> str:
+    """What a launch that stopped on a preemption signal says: where the checkpoint is, how to go on."""
+    again = [a for a in argv if not a.startswith("resume=")] + ["resume=auto"]
+    return (
+        f"launch: {stopped['signal']}: the run saved {stopped['checkpoint']} after step {stopped['step']} and "
+        f"stopped; to continue: python -m chatkit.launch {shlex.join(again)}"
+    )
 
 
 if __name__ == "__main__":

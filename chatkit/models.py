@@ -1,7 +1,7 @@
 """Base models: a registry of what the trainer can start from, and the embedded tiny models.
 
-The tiny models (GPT-NeoX and Llama architectures, tokenizer trained locally) let the demo and the
-tests run without downloading anything. Real base models are registered with their hub ids, their
+The tiny models (GPT-NeoX, Llama, Mistral, Qwen3 and Gemma 2 architectures, tokenizer trained
+locally) let the demo and the tests run without downloading anything. Real base models are registered with their hub ids, their
 shape and nominal size: `chatkit.launch --dry-run` plans a run from them without the weights.
 A recipe's `model: pretrained/<name>/model` names its registry entry by the folder.
 """
@@ -125,6 +125,47 @@ register_model(
 )
 
 
+# Tiny stand-ins for today's Llama-shaped families (the `--tiny` variants of their architectures): the
+# same width as tiny-llama, grouped-query attention as the real ones have, and what sets each family
+# apart kept: Qwen3's q/k norms and head_dim, Gemma 2's soft-capping, alternating sliding windows,
+# embedding scale and tied head. Llama 3.1 is the `llama` architecture: tiny-llama stands in for it.
+_TINY_GQA = dict(
+    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512,
+)  # fmt: skip
+register_model(
+    ModelSpec(
+        "tiny-mistral",
+        "mistral",
+        "mistral",
+        config=dict(**_TINY_GQA, intermediate_size=448, sliding_window=None, tie_word_embeddings=False),
+    )  # fmt: skip
+)
+register_model(
+    ModelSpec(
+        "tiny-qwen3",
+        "qwen3",
+        "qwen3",
+        config=dict(**_TINY_GQA, intermediate_size=384, head_dim=32, tie_word_embeddings=False),
+    )  # fmt: skip
+)
+register_model(
+    ModelSpec(
+        "tiny-gemma2",
+        "gemma2",
+        "gemma",
+        config=dict(
+            **_TINY_GQA,
+            intermediate_size=512,
+            head_dim=32,
+            sliding_window=256,
+            query_pre_attn_scalar=32,
+            tie_word_embeddings=True,
+        ),
+    )  # fmt: skip
+)
+
+
 def _real(name: str, arch: str, template: str, hf_id: str, params: int, **config: Any) -> None:
     register_model(ModelSpec(name, arch, template, hf_id, config, params))
 
@@ -161,6 +202,26 @@ _real("Llama-2-13b-chat-hf", "llama", "llama2", "meta-llama/Llama-2-13b-chat-hf"
       # https://huggingface.co/meta-llama/Llama-2-13b-chat-hf/blob/main/config.json
       hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, max_position_embeddings=4096,
       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+
+# Today's families, with the templates their instruction models publish (chatkit.templates.families).
+_real("Llama-3.1-8B-Instruct", "llama", "llama3", "meta-llama/Llama-3.1-8B-Instruct", 8_030_261_248,
+      # https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/config.json
+      hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, max_position_embeddings=131072,
+      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)  # fmt: skip
+_real("Qwen3-8B", "qwen3", "qwen3", "Qwen/Qwen3-8B", 8_190_735_360,
+      # https://huggingface.co/Qwen/Qwen3-8B/blob/main/config.json
+      hidden_size=4096, num_hidden_layers=36, intermediate_size=12288, max_position_embeddings=40960,
+      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+      tie_word_embeddings=False)  # fmt: skip
+_real("Mistral-7B-Instruct-v0.3", "mistral", "mistral", "mistralai/Mistral-7B-Instruct-v0.3", 7_248_023_552,
+      # https://huggingface.co/mistralai/Mistral-7B-Instruct-v0.3/blob/main/config.json
+      hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, max_position_embeddings=32768,
+      num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False)  # fmt: skip
+_real("gemma-2-9b-it", "gemma2", "gemma", "google/gemma-2-9b-it", 9_241_705_984,
+      # https://huggingface.co/google/gemma-2-9b-it/blob/main/config.json
+      hidden_size=3584, num_hidden_layers=42, intermediate_size=14336, max_position_embeddings=8192,
+      num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+      tie_word_embeddings=True)  # fmt: skip
 
 # Names these entries had before they took OpenChatKit's folder names (other spellings: any case).
 _ALIASES = {"llama-2-7b-32k": "Llama-2-7B-32K-beta", "open-llama-7b": "open_llama_7b",

@@ -2,8 +2,10 @@
 
 `chatkit.launch --dry-run` prints it: world size, pipeline x data parallelism, global batch, tokens
 per step, precision, ZeRO stage, adapters, the parameters that train, and an estimate of the memory
-each GPU (or CPU rank) needs for the weights, the gradients and the Adam states (activations are not
-estimated). The parameters are counted in the model folder's safetensors headers when the folder is
+each GPU (or CPU rank) needs for the weights, the gradients and the Adam states; then, each on a line,
+the host RAM a rank needs while the model loads (by how it loads: a pipeline stage's share, ZeRO-3's
+partitioned load, a full replica), the activations one micro-batch keeps (Korthikanti et al. 2022),
+and what a checkpoint takes on disk. The parameters are counted in the model folder's safetensors headers when the folder is
 here (else its config.json's shape, else the registry's figure). Warnings: a global batch other than
 the recipe's `intended_batch` (the learning rate was chosen for that one), and an estimate above the
 memory a rank has (the largest GPU torch reports; 80 GiB, an A100's or H100's, when planning for GPUs
@@ -23,6 +25,7 @@ base costs its weights only: 0.5 bytes a parameter in 4-bit NF4, 1 in 8-bit, els
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -222,6 +225,212 @@ def memory_per_gpu(cfg: TrainConfig, params: int, trainable: int, dp: int) -> tu
     return mem, formula
 
 
+def partition_balanced(weights: list[float], parts: int) -> list[int]:
+    """Stage boundaries [0, ..., n] for layers of these `weights`: DeepSpeed's `partition_balanced`
+    (deepspeed.runtime.utils, its `partition_method: parameters`), the contiguous split whose heaviest
+    and lightest runs differ least, ties broken as it breaks them. Written out so a dry run does not
+    import DeepSpeed; tests/test_plan_memory.py checks that the two agree."""
+    n = len(weights)
+    if n <= parts:
+        return [min(p, n) for p in range(parts + 1)]
+    prefix = [0.0, *itertools.accumulate(float(w) for w in weights)]
+    top = [[math.inf] * (parts + 1) for _ in range(n + 1)]
+    low = [[math.inf] * (parts + 1) for _ in range(n + 1)]
+    cost = [[math.inf] * (parts + 1) for _ in range(n + 1)]
+    cut = [[0] * (parts + 1) for _ in range(n + 1)]
+    top[0][0] = cost[0][0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, min(i, parts) + 1):
+            for k in range(i):
+                run = prefix[i] - prefix[k]
+                hi, lo = max(top[k][j - 1], run), min(low[k][j - 1], run)
+                if cost[i][j] >= hi - lo:
+                    cost[i][j], top[i][j], low[i][j], cut[i][j] = hi - lo, hi, lo, k
+    bounds = [n]
+    for j in range(parts, 0, -1):
+        bounds.append(cut[bounds[-1]][j])
+    return bounds[::-1]
+
+
+def pipeline_layer_params(config: dict[str, Any]) -> list[int]:
+    """Parameters of each pipeline layer as chatkit.train.pipeline_model lays them out (embedding,
+    decoder layers, final norm, head; a tied head counts the embedding again, as DeepSpeed counts it),
+    from the weight matrices (biases and norms, under 0.1%, left out; the norm counts its h weights)."""
+    arch = get_architecture(config["model_type"])
+    h, vocab = config["hidden_size"], config.get("vocab_size", 1024)
+    layer = sum(i * o for i, o in arch.linear_shapes(config).values())
+    return [vocab * h, *[layer] * config["num_hidden_layers"], h, vocab * h]
+
+
+def _bytes_name(b: float) -> str:
+    return {0.5: "4-bit", 1: "8-bit", 2: "16-bit", 4: "fp32"}.get(b, f"{b:g}-byte")
+
+
+def load_ram(
+    cfg: TrainConfig, config: dict[str, Any] | None, params: int, world: World, dp: int
+) -> tuple[dict[str, float], str]:
+    """Host RAM a rank needs while the model loads, by rank ('each' or 'rank 0' / 'others'), and why.
+
+    - a pipeline stage builds the model on the meta device and reads its own layers only, one tensor
+      at a time (chatkit.train.pipeline_model): the largest stage's share in the training dtype, plus
+      the largest tensor (the embedding) while it is read;
+    - ZeRO-3 (full or LoRA, not quantized) builds the model inside zero.Init: transformers 5 reads the
+      whole checkpoint on rank 0 and hands each rank its partition (`_load_state_dict_into_zero3_model`);
+      the partition stays in host RAM only on CPU ranks or with parameter offload;
+    - otherwise every rank loads the whole model (a full replica) in the training dtype; a quantized
+      base (bitsandbytes) is quantized on the GPU tensor by tensor, or held quantized on a CPU rank.
+    """
+    w = 4 if cfg.precision == "fp32" else 2
+    zero = ds_preset(cfg.deepspeed).get("zero_optimization", {})
+    name = f"in {cfg.precision}"
+    if cfg.pipeline_stages > 1 and config and _countable(config):
+        layers = pipeline_layer_params(config)
+        bounds = partition_balanced(layers, cfg.pipeline_stages)
+        share = max(sum(layers[a:b]) for a, b in itertools.pairwise(bounds))
+        tensor = config.get("vocab_size", 1024) * config["hidden_size"]
+        why = (
+            f"pipeline stage share: the largest stage holds {_count(share)} of {_count(params)} parameters {name}, "
+            f"read one tensor at a time (+ the {_count(tensor)}-parameter embedding while it is read)"
+        )
+        return {"each": (share + tensor) * w}, why
+    if cfg.pipeline_stages > 1:  # a family without a record: an even split
+        return {
+            "each": params * w / cfg.pipeline_stages
+        }, f"pipeline stage share: about 1/{cfg.pipeline_stages} {name}"
+    if zero.get("stage") == 3 and not cfg.quantize:
+        stored = _checkpoint_bytes(config, w)
+        on_host = not world.gpu or "offload_param" in zero
+        part = params * w / dp if on_host else 0.0
+        where = "which stays in host RAM" if on_host else "which goes to its GPU"
+        why = (
+            f"ZeRO-3 partitioned load: each rank keeps 1/{dp} of the weights {name} ({where}); transformers "
+            f"reads the whole checkpoint on rank 0 ({_bytes_name(stored)} as stored) and scatters it"
+        )
+        return {"rank 0": params * stored + part, "others": part}, why
+    if cfg.quantize:
+        b = {"4bit": 0.5, "8bit": 1.0}[cfg.quantize]
+        if world.gpu and config and "hidden_size" in config:
+            tensor = config.get("vocab_size", 1024) * config["hidden_size"] * _checkpoint_bytes(config, w)
+            why = "full replica, quantized on the GPU as each tensor loads (the largest, the embedding, in host RAM)"
+            return {"each": tensor}, why
+        return {"each": params * b}, f"full replica, held quantized ({_bytes_name(b)}) on each CPU rank"
+    return {"each": params * w}, f"full replica: every rank loads the whole model {name}"
+
+
+def _checkpoint_bytes(config: dict[str, Any] | None, default: float) -> float:
+    """Bytes a parameter of the base's files, from config.json's dtype when it names one."""
+    dtype = str((config or {}).get("dtype") or (config or {}).get("torch_dtype") or "")
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype.removeprefix("torch."), default)
+
+
+def activation_memory(cfg: TrainConfig, config: dict[str, Any]) -> Activations:
+    """The activations one micro-batch keeps for the backward pass, per decoder layer and in the loss's
+    logits. Rows are max_length long (packed rows are, about).
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1:
+    a GPT layer keeps s*b*h*(34 + 5*a*s/h) bytes of 16-bit activations (s tokens, b rows, h wide, a
+    heads): attention 11sbh + 5as^2b, MLP 19sbh, layer norms 4sbh (dropout masks counted, a byte
+    each). Here the MLP's 19sbh is written for any width i: 3sbh + 2*k*s*b*i, with k the i-wide
+    tensors autograd keeps (GELU: 2; SwiGLU: 4, gate, up, SiLU(gate) and their product), which gives
+    the paper's 19 for i = 4h; the 5as^2b scores only with eager attention (sdpa, varlen and
+    FlashAttention keep no (s, s) matrix); fp32 training doubles it. With full activation
+    recomputation (gradient_checkpointing) a layer keeps its 2sbh input (the paper's section 5) and
+    one layer at a time is rebuilt. The loss keeps the logits in fp32, 4sbv (the paper's section 4.3);
+    chunked_loss avoids most of that in the ZeRO engine.
+    """
+    s, b = cfg.max_length, cfg.micro_batch_size
+    h, n, a = config["hidden_size"], config["num_hidden_layers"], config.get("num_attention_heads") or 1
+    i, v = config["intermediate_size"], config.get("vocab_size", 1024)
+    k = 2 if get_architecture(config["model_type"]).mlp_matrices == 2 else 4
+    scale = 2 if cfg.precision == "fp32" else 1
+    scores = 5 * a * s * s * b if cfg.attention == "eager" else 0
+    full = (s * b * h * 18 + 2 * k * s * b * i + scores) * scale  # one layer, nothing recomputed
+    terms = f"sbh(18 + {2 * k}i/h){' + 5as^2b' if scores else ''}{' x2 (fp32)' if scale == 2 else ''}"
+    if cfg.gradient_checkpointing:
+        kept = 2 * s * b * h * scale
+        return Activations(
+            kept, full, 4 * s * b * v, n, f"per layer its input 2sbh; one layer rebuilt, {terms}"
+        )
+    return Activations(full, 0, 4 * s * b * v, n, f"per layer {terms}")
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What one micro-batch keeps for the backward pass (bytes; see `activation_memory`)."""
+
+    per_layer: float
+    rebuilt: float
+    """One layer's full activations, rebuilt during the backward pass under gradient checkpointing."""
+    logits: float
+    layers: int
+    formula: str
+
+    def total(self, layers: int | None = None, logits: bool = True) -> float:
+        """`layers` decoder layers' worth (default: all), plus the logits unless told otherwise."""
+        n = self.layers if layers is None else layers
+        return n * self.per_layer + (self.rebuilt if n else 0) + (self.logits if logits else 0)
+
+
+def checkpoint_size(cfg: TrainConfig, params: int, trainable: int) -> tuple[dict[str, float], str]:
+    """Bytes one checkpoint takes on disk: {'weights', 'optimizer'}, and where they go.
+
+    DeepSpeed writes the module's state dict once (the first data-parallel rank, per stage): every
+    weight in the training dtype (a LoRA base too, quantized if it is), except under ZeRO-3, whose
+    module files hold only placeholders for the partitioned weights. The optimizer states cover the
+    weights that train: Adam's m and v (4 + 4 bytes, 1 + 1 for 8-bit AdamW) and the fp32 master copy
+    (4 bytes) for 16-bit training and at every ZeRO stage >= 1 (ZeRO keeps its own fp32 partition even
+    in fp32 training); ZeRO-1/2/3 split them into one file per data-parallel rank, ZeRO-0 writes one copy.
+    """
+    zero = ds_preset(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0)
+    w = 4 if cfg.precision == "fp32" else 2
+    base = {"4bit": 0.5, "8bit": 1.0}.get(cfg.quantize, w) if cfg.lora_r else w
+    weights = 0.0 if zero == 3 else (params * base + (trainable * w if cfg.lora_r else 0))
+    if cfg.lora_r:
+        weights += trainable * w  # adapter_model.safetensors beside DeepSpeed's files
+    moments = 2 if cfg.optim == "adamw8bit" else 8
+    master = 4 if cfg.precision != "fp32" or zero >= 1 else 0
+    optimizer = trainable * (moments + master)
+    split = "one optimizer file per data-parallel rank" if zero else "one copy"
+    where = "weights in the optimizer's fp32 partitions" if zero == 3 else f"weights {cfg.precision}"
+    return {"weights": weights, "optimizer": optimizer}, (
+        f"ZeRO-{zero}: {where}; optimizer {moments + master} B x {_count(trainable)} trained, {split}"
+    )
+
+
+def memory_lines(
+    cfg: TrainConfig, config: dict[str, Any] | None, total: int, trainable: int, world: World, dp: int
+) -> list[str]:
+    """Load-time host RAM, activations per micro-batch, checkpoint size: the plan's lines for them."""
+    ram, why = load_ram(cfg, config, total, world, dp)
+    if "each" in ram:
+        per = f"{_size(ram['each'])} on each rank"
+    else:
+        per = f"rank 0 {_size(ram['rank 0'])}, each other rank {_size(ram['others'])}"
+    lines = [f"host RAM at load: {per}; {why}"]
+    if "each" in ram and world.per_node > 1:
+        lines[0] += f"; {_size(ram['each'] * world.per_node)} for the node's {world.per_node} ranks"
+    if _countable(config):
+        act = activation_memory(cfg, config)
+        stage = ""
+        if cfg.pipeline_stages > 1:  # 1F1B: stage 0 has up to `stages` micro-batches in flight
+            first = partition_balanced(pipeline_layer_params(config), cfg.pipeline_stages)[1] - 1
+            flight = min(cfg.pipeline_stages, cfg.gradient_accumulation_steps)
+            held = act.total(first, logits=False) * flight
+            stage = f"; the first stage ({first} layers) keeps {flight} in flight (1F1B): {_size(held)}"
+        lines.append(
+            f"activations per micro-batch ({cfg.micro_batch_size} x {cfg.max_length}): {_size(act.total())} = "
+            f"{act.layers} layers {_size(act.total(logits=False))} + logits {_size(act.logits)}; {act.formula}, "
+            f"logits 4sbv in fp32 (Korthikanti et al. 2022){stage}"
+        )
+    disk, where = checkpoint_size(cfg, total, trainable)
+    keep = f"; keep_checkpoints={cfg.keep_checkpoints} keeps at most {_size(sum(disk.values()) * cfg.keep_checkpoints)}"
+    lines.append(
+        f"checkpoint on disk: {_size(sum(disk.values()))} a save = weights {_size(disk['weights'])} + "
+        f"optimizer {_size(disk['optimizer'])}; {where}{keep if cfg.keep_checkpoints else ''}"
+    )
+    return lines
+
+
 def plan_lines(cfg: TrainConfig, world: World, memory: tuple[float, str] | None = None) -> list[str]:
     """The plan, a line each; `memory`: what one rank has (default: `device_memory(world)`)."""
     spec = spec_for_path(cfg.model)
@@ -335,6 +544,7 @@ def plan_lines(cfg: TrainConfig, world: World, memory: tuple[float, str] | None 
                 f"warning: the memory per {unit} estimated ({_size(need)}, before activations) exceeds {what}; "
                 f"{memory_remedies(cfg, world)}"
             )
+        lines += memory_lines(cfg, config, total, trainable, world, dp)
     if cfg.method == "dpo":
         lines.append(preference_line(cfg, total, dp, unit))
     return lines

@@ -35,15 +35,10 @@ def _corpus_texts(paths: Sequence[str], template: str) -> Iterator[str]:
     tpl = get_template(template)
     # The template's literal pieces, so markers like "<human>:" become single tokens.
     yield tpl.render([], "", "")
-    pieces = (
-        tpl.system,
-        tpl.user,
-        tpl.user_after_system or "",
-        tpl.assistant_prefix,
-        tpl.assistant,
-        tpl.separator,
-    )
-    for piece in pieces:
+    # (a family's template has no pieces: its markers are special tokens, and its renders below hold
+    # the rest of its text)
+    names = ("system", "user", "user_after_system", "assistant_prefix", "assistant", "separator")
+    for piece in (getattr(tpl, name, None) or "" for name in names):
         yield piece.replace("{content}", " ").replace("{eos}", "").replace("{bos}", "")
     if not paths:
         from chatkit.datasets.synthetic import make_splits
@@ -64,7 +59,7 @@ def prepare_tiny(
     corpus: Sequence[str],
     out: str,
     vocab_size: int = 1024,
-    template: str = "openchatkit",
+    template: str | None = None,
     seed: int = 0,
     layers: int | None = None,
     hidden: int | None = None,
@@ -73,11 +68,13 @@ def prepare_tiny(
 ) -> int:
     """Train a tokenizer on `corpus`, build the tiny model, save both to `out`; returns #params.
 
-    `arch` is a `chatkit.architectures` family: gpt_neox (registry entry `tiny`) or llama (`tiny-llama`),
-    its record's `tiny`; the tokenizer is the same.
+    `arch` is a `chatkit.architectures` family (gpt_neox: registry entry `tiny`; llama: `tiny-llama`;
+    mistral, qwen3, gemma2: `tiny-<family>`), its record's `tiny`; the tokenizer is trained the same way,
+    with the template's marker tokens. `template` defaults to the entry's.
     """
     family = get_architecture(arch)
     spec = get_model_spec(family.tiny)
+    template = template or spec.template  # the family's own (openchatkit for the GPT-NeoX and Llama ones)
     tpl = get_template(template)
     tokenizer = train_tokenizer(_corpus_texts(corpus, template), vocab_size, extra_tokens=tpl.special_tokens)
     overrides = {}

@@ -124,18 +124,18 @@ def test_a_base_outside_the_registry_is_planned_from_its_config(capsys, monkeypa
 
 
 def test_an_unknown_family_trains_all_linear_and_the_plan_says_so(capsys, monkeypatch, tmp_path: Path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 64}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3", "hidden_size": 64}))
     for model, why in [
         ("somewhere/else/model", "the base's family is unknown"),
-        (str(tmp_path), "chatkit.architectures has no record of 'mistral'"),
+        (str(tmp_path), "chatkit.architectures has no record of 'phi3'"),
     ]:
         cfg, plan = _dry_run(capsys, monkeypatch, "tiny", "lora_r=8", f"model={model}")
-        assert resolve_lora_targets(cfg, "mistral") == ALL_LINEAR
+        assert resolve_lora_targets(cfg, "phi3") == ALL_LINEAR
         assert f"on {ALL_LINEAR} (PEFT's: every linear layer but the head)\ntrainable: unknown ({why}" in plan
     cfg, plan = _dry_run(
         capsys, monkeypatch, "tiny", "lora_r=8", "lora_targets=[q_proj]", f"model={tmp_path}"
     )
-    assert resolve_lora_targets(cfg, "mistral") == ["q_proj"] and " on q_proj\n" in plan
+    assert resolve_lora_targets(cfg, "phi3") == ["q_proj"] and " on q_proj\n" in plan
 
 
 def test_the_plan_warns_of_targets_no_layer_has(capsys, monkeypatch):
@@ -198,3 +198,14 @@ def test_tiny_shape_rule():
         get_architecture("gpt_neox").intermediate_size(128)
         == get_model_spec("tiny").config["intermediate_size"]
     )
+
+
+def test_the_pipeline_engine_refuses_a_family_it_cannot_split():
+    """Gemma 2 scales its embeddings and soft-caps its logits outside the modules a stage holds: a
+    pipeline of it would train another model, so it is refused in one line."""
+    from chatkit.train.pipeline_model import layer_specs
+
+    assert not get_architecture("gemma2").pipeline
+    assert all(a.pipeline for a in ARCHITECTURES.values() if a.model_type != "gemma2")
+    with pytest.raises(ValueError, match="cannot split a gemma2 model"):
+        layer_specs(_meta_model(_entry_config("tiny-gemma2")))

@@ -300,3 +300,41 @@ def test_gpu_packed_loss_equals_one_conversation_at_a_time(arch, attn):
     a, _ = _loss_and_grads(model, alone, attn, count)
     b, _ = _loss_and_grads(model, [packed], attn, count)
     assert abs(a - b) < 2e-2  # bf16
+
+
+def _family(model_type: str, attn: str):
+    """A seeded 2-layer model of a 2024-25 family, GQA, with what sets it apart switched on: a sliding
+    window of 16 tokens (shorter than most test conversations) for Mistral and Gemma 2 (whose local
+    layers alternate with global ones), Gemma 2's attention and final-logit soft-capping, Qwen3's q/k
+    norms."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    register()
+    torch.manual_seed(0)
+    extra = {"mistral": dict(sliding_window=16), "gemma2": dict(sliding_window=16, head_dim=16),
+             "qwen3": dict(head_dim=16)}[model_type]  # fmt: skip
+    config = AutoConfig.for_model(
+        model_type, vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=4096, **extra,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "mistral", "gemma2"])
+def test_todays_families_packed_varlen_equals_transformers_eager_alone(model_type):
+    """Packed rows under varlen train exactly as transformers' own eager attention on each conversation
+    alone: soft-capping and sliding windows (the windowed conversations take the per-conversation
+    path) included."""
+    eager = _family(model_type, "eager").train()
+    varlen = _family(model_type, "varlen").train()
+    varlen.load_state_dict(eager.state_dict())
+    if model_type == "gemma2":
+        assert eager.config.attn_logit_softcapping and eager.config.final_logit_softcapping
+    examples = _examples(8)
+    assert max(len(e.input_ids) for e in examples) > 16  # some conversations outgrow the window
+    count = _count(examples)
+    alone = _loss_and_grads(eager, [collate_rows([[e]], 0) for e in examples], "eager", count)
+    rows = pack_best_fit([len(e.input_ids) for e in examples], 64)
+    packed = collate_rows([[examples[i] for i in r] for r in rows], 0)
+    _assert_same(alone, _loss_and_grads(varlen, [packed], "varlen", count))

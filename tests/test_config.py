@@ -488,3 +488,45 @@ def test_lr_without_warmup_starts_at_peak():
     assert f(0) == pytest.approx(1.0)
     assert f(50) == pytest.approx(0.0, abs=1e-12)
     assert f(25) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expect"),
+    [("chunked_loss", "sometimes", "auto, always, never"), ("reasoning", "hidden", "train or context")],
+)
+def test_loss_and_reasoning_settings_are_validated_in_one_line(tmp_path, setting, value, expect):
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    cfg = load_config(None, [f"train_files={data}"])
+    assert (cfg.chunked_loss, cfg.reasoning) == ("auto", "train")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"train_files={data}", f"{setting}={value}"])
+    (line,) = [x for x in str(e.value).splitlines() if setting in x]
+    assert expect in line and repr(value) in line
+
+
+def test_reasoning_policy_reaches_the_runs_template(tmp_path):
+    """`reasoning: context` keeps a qwen3 reply's reasoning in the text but out of the labels."""
+    import torch
+
+    from chatkit.conversation import Message
+    from chatkit.models import train_tokenizer
+    from chatkit.templates import get_template
+    from chatkit.tokenization import encode_conversation
+    from chatkit.train.context import make_run
+
+    qwen3 = get_template("qwen3")
+    tok = train_tokenizer(["think about the weather", "it is sunny"], 300, extra_tokens=qwen3.special_tokens)
+    tok.save_pretrained(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    msgs = [Message("user", "weather?"), Message("assistant", "sunny", reasoning="think about the weather")]
+    trained = {}
+    for policy in ("train", "context"):
+        cfg = load_config(None, [f"train_files={data}", f"model={tmp_path / 'base'}", "template=qwen3",
+                                 f"reasoning={policy}"])  # fmt: skip
+        run = make_run(cfg, 0, 1, torch.device("cpu"))
+        enc = encode_conversation(run.tokenizer, run.template, msgs)
+        trained[policy] = run.tokenizer.decode([t for t in enc.labels if t >= 0])
+    assert "think about the weather" in trained["train"] and "sunny" in trained["train"]
+    assert "think about the weather" not in trained["context"] and "sunny" in trained["context"]

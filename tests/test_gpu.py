@@ -102,3 +102,16 @@ def test_pipeline_with_gradient_checkpointing_on_cuda(root):
     assert "activation checkpointing: every 1 pipeline layer(s)" in (root / "pipe.log").read_text()
     rows = _rows(out)
     assert len([r for r in rows if "loss" in r]) == 4 and len([r for r in rows if "samples" in r]) == 2
+
+
+def test_vllm_serves_the_export_as_the_bot_does(root):
+    """tools/vllm_parity.py on a chatkit model folder: vLLM's chat prompt (from the embedded template)
+    and its greedy replies equal the bot's engine's."""
+    pytest.importorskip("vllm", reason="vLLM parity needs the vllm package")
+    proc = subprocess.run(
+        [sys.executable, "tools/vllm_parity.py", "--model", str(root / "neox"), "--require", "-n", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert result["prompts"] == result["prompts_identical"] == result["replies_identical"] == 4

@@ -58,7 +58,9 @@ def test_a_bad_line_stops_with_file_line_and_field(capsys, monkeypatch, model, d
     code, out, err = _inspect(capsys, monkeypatch, "--model", str(model), "--data", str(data), "-n", "5")
     assert code == 1
     assert len([line for line in out if line.startswith("── conversation")]) == 2  # the two before it
-    assert err == [f"error: {data}:3: messages[1].role: must be one of system, user, assistant, tool, got 'robot'"]
+    assert err == [
+        f"error: {data}:3: messages[1].role: must be one of system, user, assistant, tool, got 'robot'"
+    ]
 
 
 @pytest.mark.parametrize(

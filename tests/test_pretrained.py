@@ -326,6 +326,7 @@ def test_openchatkit_names_and_former_aliases():
     assert set(REAL) == {
         "Pythia-6.9B-deduped", "GPT-NeoX-20B", "Llama-2-7B-32K-beta", "open_llama_7b", "open_llama_3b",
         "Llama-2-13b-chat-hf", "llama-13b",
+        "Llama-3.1-8B-Instruct", "Qwen3-8B", "Mistral-7B-Instruct-v0.3", "gemma-2-9b-it",
     }  # fmt: skip
     for old, new in [
         ("pythia-6.9b-deduped", "Pythia-6.9B-deduped"), ("gpt-neox-20b", "GPT-NeoX-20B"),
@@ -380,3 +381,36 @@ def test_llama_hub_tokenizer_gives_sentencepiece_ids(llama_src: Path, tmp_path: 
             text = tpl.render(msgs if not gen else msgs[:-1], "</s>", "<s>", add_generation_prompt=gen)
             assert tok(text, add_special_tokens=False).input_ids == llama_spm.sp_encode_pieces(sp, text)
     assert tok.pad_token == "<unk>"
+
+
+@pytest.mark.parametrize(
+    ("name", "tiny"),
+    [("Llama-3.1-8B-Instruct", "tiny-llama"), ("Qwen3-8B", "tiny-qwen3"),
+     ("Mistral-7B-Instruct-v0.3", "tiny-mistral"), ("gemma-2-9b-it", "tiny-gemma2")],
+)  # fmt: skip
+def test_todays_families_prepare_with_their_own_templates(name: str, tiny: str, tmp_path: Path):
+    """A source of each 2024-25 family (its tiny stand-in, saved as transformers saves the real one)
+    becomes a base with the same weights and logits, whose tokenizer carries the family's template:
+    the registry's published chat template, rendering what chatkit trains on."""
+    from transformers import AutoTokenizer
+
+    from chatkit.conversation import Message
+    from chatkit.models import train_tokenizer
+
+    spec = get_model_spec(name)
+    template = get_template(spec.template)
+    texts = [f"turn {i}: the weather in city {i % 7} is {i * 3} degrees" for i in range(300)]
+    tokenizer = train_tokenizer(texts, 400, extra_tokens=template.special_tokens)
+    src = tmp_path / "src"
+    build_model(get_model_spec(tiny), tokenizer, seed=2).save_pretrained(src, safe_serialization=True)
+    tokenizer.save_pretrained(src)
+    done = prepare_base(name, out=tmp_path / "out", source=src)
+    out = done.out
+    assert json.loads((out / "chatkit.json").read_text())["template"] == spec.template
+    assert torch.equal(_logits(src), _logits(out))
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == get_template(spec.template, tok).chat_template
+    msgs = [Message("user", "What is the weather in city 3?"), Message("assistant", "9 degrees.")]
+    ours = get_template(spec.template, tok).render(msgs, tok.eos_token, tok.bos_token or "")
+    theirs = tok.apply_chat_template([m.to_dict() for m in msgs], tokenize=False)
+    assert ours == theirs and "city 3" in ours

@@ -402,3 +402,41 @@ def test_every_tiny_recipe_exports_a_folder_that_loads_and_chats(script: str, tm
     loads with plain `from_pretrained` and answers through the chat engine."""
     _train_tiny(script, tmp_path / "run")
     assert isinstance(_export_and_chat(tmp_path / "run"), str)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("base", "template"),
+    # (Llama 3.1 is the llama architecture, whose tiny variant every llama recipe's test runs)
+    [("Qwen3-8B", "qwen3"), ("Mistral-7B-Instruct-v0.3", "mistral"), ("gemma-2-9b-it", "gemma")],
+)  # fmt: skip
+def test_a_recipe_on_todays_families_runs_as_its_tiny_variant_and_exports(
+    tmp_path: Path, base: str, template: str
+):
+    """A recipe starting from a 2024-25 base, run with --tiny: the tiny model of the base's family
+    (tiny-llama, tiny-qwen3, tiny-mistral, tiny-gemma2, built with the family's template) trains with
+    the family's template, exports, and the export renders with the published template's text."""
+    from chatkit.conversation import Message
+    from chatkit.models import get_model_spec
+    from chatkit.templates import get_template
+
+    recipe = tmp_path / f"{template}.yaml"
+    recipe.write_text(
+        (REPO / "config" / "tiny.yaml").read_text().replace("pretrained/tiny/model", f"pretrained/{base}/model")
+        .replace("template: openchatkit", f"template: {template}")
+    )  # fmt: skip
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "chatkit.launch", str(recipe), "--tiny", "--num-gpus", "0", "--master-port", "0",
+           f"output_dir={out}", "save_every=4"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    arch = get_model_spec(base).architecture
+    assert json.loads((out / "checkpoints" / "step4" / "config.json").read_text())["model_type"] == arch
+    reply = _export_and_chat(out)
+    assert isinstance(reply, str)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    msgs = [Message("user", "What is 2 + 3?"), Message("assistant", "5")]
+    ours = get_template(template, tok).render(msgs, tok.eos_token, tok.bos_token or "")
+    assert tok.apply_chat_template([m.to_dict() for m in msgs], tokenize=False) == ours

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -294,3 +295,18 @@ def test_gpu_check_dry_run_covers_every_recipe_with_valid_launches(tmp_path):
         )
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}"
     assert not (tmp_path / "gpu-check").exists()  # a dry run writes nothing
+
+
+def test_vllm_parity_skips_with_its_reason_without_a_gpu(tiny_model_dir):
+    """tools/vllm_parity.py (issue: parity beyond transformers) says why it skips where it cannot run,
+    exits 0 (1 with --require), and names a folder that is not a model."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the gpu tier runs the comparison itself")
+    run = [sys.executable, "tools/vllm_parity.py", "--model", str(tiny_model_dir)]
+    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "skipped: no CUDA device" in proc.stdout
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"skipped": "no CUDA device: vLLM serves on GPUs"}
+    proc = subprocess.run([*run, "--require"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    bad = subprocess.run(run[:2] + ["--model", "/nonexistent"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "not a Hugging Face model folder" in bad.stderr

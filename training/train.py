@@ -14,6 +14,7 @@ import warnings
 from chatkit.config import ConfigError, load_config
 from chatkit.train.context import RunError
 from chatkit.train.distributed import shutdown_distributed
+from chatkit.train.preflight import BackendTimeout
 from chatkit.train.run import train
 
 # torch's gloo path warns on every collective DeepSpeed makes; the message is not actionable here.
@@ -43,6 +44,8 @@ def main() -> None:
     except RunError as e:
         if not e.all_ranks or int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, BackendTimeout):  # its all-reduce is still pending: teardown would wait on it
+            os._exit(1)
         if e.all_ranks:  # every rank is here: leave the process group together
             shutdown_distributed()
         sys.exit(1)

@@ -104,7 +104,10 @@ def export_hf(
     if architecture and config.model_type != architecture:
         raise ValueError(f"{tag_dir}: a {config.model_type} checkpoint, not {architecture}")
     tokenizer = AutoTokenizer.from_pretrained(tag_dir)
-    tokenizer.chat_template = get_template(template_name, tokenizer).chat_template
+    # the export renders what training trained: its template, with the run's reasoning policy
+    tokenizer.chat_template = get_template(
+        template_name, tokenizer, reasoning=meta.get("reasoning")
+    ).chat_template
     refs, release = export_refs(tag_dir, base)
     refs = to_disk(refs, config, tag_dir)
     config.dtype = DTYPES[dtype]

@@ -48,7 +48,7 @@ def create_app(engine: ChatEngine, config: ServerConfig) -> FastAPI:
     No OpenAPI schema nor docs are served; every request passes `RequestGuard` (Host, Origin)."""
     app = FastAPI(title="chatkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     page = resources.files("chatkit.web").joinpath("index.html").read_text(encoding="utf-8")
-    state = ServerState(engine, config, Worker(config.max_queue), page)
+    state = ServerState(engine, config, Worker(config.max_queue, config.max_batch), page)
     app.state.chatkit = state
     app.state.worker = state.worker
     app.add_exception_handler(ApiError, _api_error)

@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the model id the API reports and requests must name (default: the folder's name, "
                         "or its parent's for an export folder named hf or model: outputs/demo/hf -> demo)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 503 (64)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together, one forward per token for all (8; 1: one at a time)")  # fmt: skip
     p.add_argument("--max-body", type=_size, default=MAX_BODY, metavar="BYTES",
                    help="largest request body, in bytes or with k/m (KiB/MiB); larger ones get 413 (1m)")  # fmt: skip
     add_generation_args(p)
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             params_from_args(args),
             args.api_key,
             args.max_queue,
+            max_batch=args.max_batch,
             max_body=args.max_body,
             host=args.host,
             port=args.port or None,  # 0: a port the system picks, unknown here

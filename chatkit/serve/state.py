@@ -36,6 +36,9 @@ class ServerConfig:
     api_key: str | None = None
     """None: no key. An empty key is refused here: it must never match an empty bearer token."""
     max_queue: int = 64
+    max_batch: int = 8
+    """Requests decoded together, one forward per token for all of them (`chatkit.batching`); 1: one
+    at a time."""
     context_provider: ContextProvider | None = None
     """Retrieval: passages for the newest user turn, added to that request's prompt only."""
     max_body: int = MAX_BODY
@@ -51,6 +54,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty: set a real key, or none at all for an open API")
+        if self.max_batch < 1:
+            raise ValueError(f"the batch must hold at least 1 request, got {self.max_batch}")
         if self.max_body < 1:
             raise ValueError(f"the body limit must be at least 1 byte, got {self.max_body}")
         self.allowed_hosts = tuple(self.allowed_hosts)

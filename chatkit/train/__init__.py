@@ -16,4 +16,7 @@ adapters.py   LoRA/QLoRA, 8-bit AdamW
 checkpoint.py atomic checkpoints, resume; monitor.py metrics, wandb, curves
 dsconfig.py   DeepSpeed presets with "auto" filled; the learning-rate schedule
 distributed.py process group and per-rank logging
+preflight.py  before step 1: the backend answers, every rank runs the same code and config, disk room
+watchdog.py   a collective past collective_timeout_s: every rank's stack to the log, the run ends
+preemption.py SIGTERM/SIGUSR1: every rank finishes its step, saves, exits 0
 """

@@ -1,8 +1,11 @@
 """What gets trained: full weights, LoRA adapters, or LoRA on a 4/8-bit base (QLoRA), and how.
 
 QLoRA follows the bitsandbytes + PEFT recipe: NF4 base with double quantization, LoRA adapters in
-the compute dtype, `prepare_model_for_kbit_training`, optionally 8-bit AdamW. Quantized weights
-cannot be partitioned, so quantized bases train with ZeRO stages 0-2, not 3.
+the compute dtype, `prepare_model_for_kbit_training`, optionally 8-bit AdamW. Quantized bases train
+with ZeRO stages 0-2, not 3: transformers 5 skips `zero.Init` for a quantized model (it builds it on
+the meta device and quantizes the whole base on every rank as it loads), so ZeRO-3 could shard it only
+after the load, and only with bitsandbytes' 16-bit `bnb_4bit_quant_storage` (PEFT's QLoRA + ZeRO-3
+recipe). Every other base loads in the training dtype, partitioned as it loads under ZeRO-3, LoRA or not.
 """
 
 from __future__ import annotations
@@ -18,27 +21,51 @@ from chatkit.config import TrainConfig
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def load_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype every path loads the weights in: the recipe's precision (bf16, fp16 or fp32).
+
+    DeepSpeed trains 16-bit weights against an fp32 master copy that it makes itself from the 16-bit
+    values, so loading fp32 and letting DeepSpeed cast gives the same numbers at twice the memory."""
+    return DTYPES[cfg.precision]
+
+
 def load_base(cfg: TrainConfig, device: torch.device):
-    """The base model with the recipe's attention implementation, quantized with bitsandbytes when the
-    recipe asks for it."""
+    """The base model in the training dtype with the recipe's attention implementation, quantized with
+    bitsandbytes when the recipe asks for it (the modules left unquantized take the training dtype).
+
+    Under ZeRO-3 (an active `HfDeepSpeedConfig`, see chatkit.train.zero.build_engine) transformers
+    builds the model inside `deepspeed.zero.Init`: each rank keeps its partition as the weights load."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from chatkit.train.attention import load_kwargs
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32, **load_kwargs(cfg.attention, device)}
+    kwargs: dict[str, Any] = {"dtype": load_dtype(cfg), **load_kwargs(cfg.attention, device)}
     if cfg.quantize == "4bit":
-        compute = DTYPES[cfg.precision] if cfg.precision != "fp16" else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_compute_dtype=load_dtype(cfg),
         )
     elif cfg.quantize == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if cfg.quantize:
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     return AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+
+
+def numel(p: torch.nn.Parameter) -> int:
+    """A parameter's full size, also when ZeRO-3 holds only this rank's partition of it."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def match_dtype(model, dtype: torch.dtype) -> None:
+    """Cast the floating parameters that ZeRO-3 has not partitioned yet (PEFT's new adapters, which it
+    keeps in fp32) to `dtype`: DeepSpeed casts every parameter of a model it partitions itself, but
+    leaves a model built inside `zero.Init` as it is, and would partition the adapters in fp32."""
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def keep_training_layout(model) -> None:
@@ -85,8 +112,8 @@ def apply_adapters(model, cfg: TrainConfig):
             task_type="CAUSAL_LM",
         )  # fmt: skip
         model = get_peft_model(model, lora)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in model.parameters())
         logger.info(
             f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {targets}: {trainable:,} of {total:,} parameters train"
         )

@@ -61,7 +61,7 @@ def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def _attend_row(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[int, int]], **sdpa: Any
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[int, int]], **opts: Any
 ) -> torch.Tensor:
     """One row's attention, sequence by sequence: q (1, H, T, D), k/v (1, Hkv, T, D) -> (1, H, T, D).
 
@@ -76,14 +76,42 @@ def _attend_row(
         if single_from is not None:
             pieces.append(_repeat_heads(v[:, :, single_from:s], n_rep))
             single_from = None
-        pieces.append(
-            F.scaled_dot_product_attention(
-                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], enable_gqa=n_rep > 1, **sdpa
-            )
-        )
+        pieces.append(_attend_sequence(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], n_rep, **opts))
     if single_from is not None:
         pieces.append(_repeat_heads(v[:, :, single_from:], n_rep))
     return torch.cat(pieces, dim=2)
+
+
+def _attend_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_rep: int,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """One sequence's attention. SDPA's fused kernel when it computes what the model does; with logit
+    soft-capping (Gemma 2) or a sliding window shorter than the sequence (Gemma 2's local layers, a
+    Mistral with `sliding_window`), the same math as transformers' eager attention, on this sequence's
+    (n, n) scores only: quadratic in the conversation, never in the packed row."""
+    n = q.size(2)
+    if softcap is None and (window is None or n <= window):
+        return F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=n_rep > 1, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.size(-1) ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    i = torch.arange(n, device=q.device)
+    allowed = i[:, None] >= i[None, :] if is_causal else torch.ones(n, n, dtype=torch.bool, device=q.device)
+    if window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < window)  # transformers' sliding window: q - k < window
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")).float(), dim=-1).to(q.dtype)
+    return F.dropout(probs, p=dropout_p, training=dropout_p > 0) @ v
 
 
 def varlen_attention_forward(
@@ -115,9 +143,12 @@ def varlen_attention_forward(
         bounds = cu_seqlens(positions.expand(b, -1)) if positions is not None else torch.arange(b + 1) * t
     bounds = bounds.tolist()
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    sdpa = {"dropout_p": dropout, "is_causal": causal, "scale": scaling}
+    opts = {
+        "dropout_p": dropout, "is_causal": causal, "scale": scaling,
+        "softcap": kwargs.get("softcap"), "window": kwargs.get("sliding_window"),
+    }  # fmt: skip
     rows = [
-        _attend_row(query[r : r + 1], key[r : r + 1], value[r : r + 1], _row_segments(bounds, r, t), **sdpa)
+        _attend_row(query[r : r + 1], key[r : r + 1], value[r : r + 1], _row_segments(bounds, r, t), **opts)
         for r in range(b)
     ]
     return torch.cat(rows).transpose(1, 2).contiguous(), None

@@ -178,7 +178,10 @@ def save(
         (root / tmp).mkdir(parents=True)
         tokenizer.save_pretrained(root / tmp)
         (model_config or _model_config(engine.module)).save_pretrained(root / tmp)
-        info = {"template": cfg.template, "base_model": cfg.model, "step": step, **(meta or {})}
+        info = {
+            "template": cfg.template, "reasoning": cfg.reasoning, "base_model": cfg.model, "step": step,
+            **(meta or {}),
+        }  # fmt: skip
         if cfg.about:
             info["about"] = cfg.about
         info["data"] = data_position(cfg, dp_world)

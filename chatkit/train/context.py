@@ -67,6 +67,6 @@ def make_run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> R
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    template = get_template(cfg.template, tokenizer)
+    template = get_template(cfg.template, tokenizer, reasoning=cfg.reasoning)
     added = add_template_tokens(tokenizer, template)
     return Run(cfg, rank, world, device, tokenizer, template, added, get_method(cfg))

@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -70,21 +71,37 @@ def skip_shm_allreduce() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def process_group_timeout(collective_timeout_s: float) -> timedelta:
+    """torch's own collective timeout: DeepSpeed's (DEEPSPEED_TIMEOUT minutes, default 10), raised to
+    outlast collective_timeout_s, so that chatkit's watchdog, which reports every rank's stack, fires
+    first (torch's timeout raises in one rank, naming no Python line)."""
+    from deepspeed.constants import default_pg_timeout
+
+    return max(default_pg_timeout, timedelta(seconds=collective_timeout_s + 60))
+
+
+def init_distributed(collective_timeout_s: float = 0.0) -> tuple[int, int, torch.device]:
+    """Join the process group (gloo on CPU ranks, nccl on GPUs) and check that a first all-reduce
+    completes (chatkit.train.preflight.check_backend); returns (rank, world size, device)."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from chatkit.train.preflight import BACKEND_CHECK_S, check_backend
+
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu:
         skip_shm_allreduce()
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    timeout = process_group_timeout(collective_timeout_s)
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_cpu:
         device = torch.device("cpu")
     else:
         get_accelerator().set_device(local_rank)  # before any collective: nccl's objects go through it
         device = torch.device(get_accelerator().device_name(local_rank))
+    check_s = min(BACKEND_CHECK_S, collective_timeout_s or BACKEND_CHECK_S)
+    check_backend(dist.get_rank(), dist.get_world_size(), device, check_s)
     if folder := os.environ.get(SHARED_DIR_ENV):
         check_shared_output_dir(folder, dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), device
@@ -164,8 +181,11 @@ def shutdown_distributed() -> None:
     """
     import torch.distributed as dist
 
+    from chatkit.train import watchdog
+
     if dist.is_initialized():
         dist.barrier()
+        watchdog.stop()  # the group's end (rank 0's store going away) is not a hang
         dist.destroy_process_group()
 
 

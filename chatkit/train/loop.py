@@ -1,8 +1,9 @@
 """The training loop: one function, `fit`, for every engine and every training method.
 
-It reads top to bottom: resume, announce the run, then per step draw the micro-batches, count what
-the loss is normalised by (over all replicas), step the engine, log, evaluate and checkpoint when due;
-at the end evaluate, save and write the final metrics. Engines (chatkit.train.engine) hide how a
+It reads top to bottom: resume, check there is room for the checkpoints, announce the run, then per
+step draw the micro-batches, count what the loss is normalised by (over all replicas), step the
+engine, log, stop with a checkpoint if any rank was asked to (preemption), evaluate and checkpoint when
+due; at the end evaluate, save and write the final metrics. Engines (chatkit.train.engine) hide how a
 step runs; methods (chatkit.train.method) hide what the loss is.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,11 +21,12 @@ from tqdm import tqdm
 from chatkit.config import save_config
 from chatkit.data import Batches, TokenizedSet
 from chatkit.io import write_json
-from chatkit.train import checkpoint
+from chatkit.train import checkpoint, preemption, watchdog
 from chatkit.train.context import Run, RunError
 from chatkit.train.engine import Batch, Engine
 from chatkit.train.loss import real_tokens
 from chatkit.train.monitor import Monitor
+from chatkit.train.preflight import check_disk_room
 
 
 def total_steps(run: Run, batches: Batches) -> tuple[int, int]:
@@ -105,6 +108,7 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
     start = resume(run, engine)
     if start >= steps:
         return finished(run, steps)
+    check_disk_room(cfg, engine, run.rank, start, steps)
     announce(run, engine, batches, steps)
     stream = batches.stream(skip=start * gas)
     monitor = Monitor(cfg, run.out, run.main, after=start)
@@ -112,7 +116,9 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
     last: dict[str, Any] = {}
     epoch = 0
     for step in range(start + 1, steps + 1):
+        watchdog.at(f"step {step}")
         epoch, micro = draw(stream, gas)
+        watchdog.stall_for_tests(step, run.rank)
         count, tokens = engine.dp_sum(
             [sum(run.method.count(b) for b in micro), sum(real_tokens(b) for b in micro)]
         )
@@ -129,15 +135,38 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
         bar.update(1)
         if step % cfg.log_every == 0 or step == steps:
             last = monitor.log_step(step, steps, per_epoch, result, engine.lr())
+        if step != steps and (signum := preemption.agreed_stop(run.device)):
+            bar.close()
+            return stop_early(run, engine, monitor, step, epoch, signum, last)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+            watchdog.at(f"evaluating at step {step}")
             last.update(evaluate(run, engine, val_sets, step, monitor))
         if cfg.save_every and step % cfg.save_every == 0 and step != steps:
+            watchdog.at(f"saving step {step}")
             engine.save(step, epoch)
     bar.close()
+    watchdog.at("the final evaluation and save")
     last.update(evaluate(run, engine, val_sets, steps, monitor))
     path = engine.save(steps, epoch)
     if run.main:
         logger.info(f"saved checkpoint {path}")
         write_json(run.out / "final_metrics.json", last)
+    monitor.close()
+    return last
+
+
+def stop_early(
+    run: Run, engine: Engine, monitor: Monitor, step: int, epoch: int, signum: int, last: dict[str, Any]
+) -> dict[str, Any]:
+    """Every rank agreed on a preemption signal after `step`: save it (atomically, as any checkpoint),
+    tell the launcher, and return without the end-of-run evaluation (the grace period is short)."""
+    name = signal.Signals(signum).name
+    if run.main:
+        logger.info(f"{name}: stopping after step {step} (preemption): saving a checkpoint")
+    watchdog.at(f"saving step {step} after {name}")
+    path = engine.save(step, epoch)
+    preemption.report_stopped(step, path, signum)
+    if run.main:
+        logger.info(f"saved checkpoint {path}; the same command with resume=auto continues the run")
     monitor.close()
     return last

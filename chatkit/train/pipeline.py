@@ -22,7 +22,7 @@ from chatkit.train.distributed import all_sum
 from chatkit.train.dsconfig import lr_lambda, resolve_ds_config
 from chatkit.train.engine import Batch
 from chatkit.train.loss import step_scale
-from chatkit.train.pipeline_model import build_pipeline
+from chatkit.train.pipeline_model import build_pipeline, checkpoint_tensors, empty_model, load_parameters
 
 
 def make_topology(stages: int, world: int):
@@ -41,15 +41,20 @@ def pipeline_batch(batch: Batch, scale: float) -> tuple[tuple, tuple]:
 
 
 def load_model(run: Run):
-    """The whole model in fp32 with the recipe's attention; `build_pipeline` keeps each stage's layers."""
-    from transformers import AutoModelForCausalLM
+    """The model with its parameters on the meta device (shapes only) in the training dtype, with the
+    recipe's attention; `build_pipeline` then loads the parameters of this rank's stage alone.
 
+    Template marker tokens grow the embeddings as in the ZeRO engine: the embedding and the head are
+    loaded on every stage and resized there (transformers' mean resizing draws from the random state,
+    so every rank draws alike); a stage that holds neither puts them back on the meta device."""
+    from chatkit.train.adapters import load_dtype
     from chatkit.train.attention import load_kwargs
 
-    attention = load_kwargs(run.cfg.attention, run.device)
-    model = AutoModelForCausalLM.from_pretrained(run.cfg.model, dtype=torch.float32, **attention)
+    model = empty_model(run.cfg.model, load_dtype(run.cfg), **load_kwargs(run.cfg.attention, run.device))
     check_context(model.config, run.cfg)
     if run.added_tokens:
+        ends = [model.get_input_embeddings(), model.get_output_embeddings()]
+        load_parameters(ends, model, checkpoint_tensors(model, run.cfg.model))
         model.resize_token_embeddings(len(run.tokenizer))
     return model
 
@@ -86,7 +91,9 @@ class PipelineEngine:
             self.run.method.loss_sum,
             partition_method=ds_config.get("pipeline", {}).get("partition", "parameters"),
             activation_checkpoint_interval=interval,
+            weights=cfg.model,
         )
+        del model  # the stage's modules live on in `module`; the rest were never in memory
         self.engine, *_, self.scheduler = deepspeed.initialize(
             model=module,
             model_parameters=[p for p in module.parameters() if p.requires_grad],

@@ -9,11 +9,13 @@ from typing import Any
 import torch
 
 from chatkit.config import TrainConfig
+from chatkit.train import preemption, watchdog
 from chatkit.train.context import Run, RunError, make_run
 from chatkit.train.data import load_data
 from chatkit.train.distributed import init_distributed, setup_logging
 from chatkit.train.engine import Engine
 from chatkit.train.loop import fit, total_steps
+from chatkit.train.preflight import check_same_run
 
 
 def make_engine(run: Run) -> Engine:
@@ -71,11 +73,19 @@ def hold_output_dir(out: Path, rank: int) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run `cfg` to the end on this process's rank; returns the last logged metrics."""
-    rank, world, device = init_distributed()
+    """Run `cfg` to the end on this process's rank (or until a preemption signal: chatkit.train.preemption);
+    returns the last logged metrics.
+
+    Before any work: the collective backend answers (init_distributed), every rank runs the same code
+    and config (chatkit.train.preflight), and from then on a collective that waits past
+    collective_timeout_s ends the run with every rank's stack (chatkit.train.watchdog)."""
+    preemption.listen()  # first: from here on a SIGTERM asks for a checkpoint instead of killing
+    rank, world, device = init_distributed(cfg.collective_timeout_s)
     out = Path(cfg.output_dir)
+    watchdog.start(cfg.collective_timeout_s, rank, world, out)
     hold_output_dir(out, rank)
     setup_logging(out, rank, "loguru" in cfg.train_log_backend)
+    check_same_run(cfg, rank, world)
     torch.manual_seed(cfg.seed)
     run = make_run(cfg, rank, world, device)
     engine = make_engine(run)

@@ -47,8 +47,11 @@ def build_engine(run: Run, total_steps: int):
         )
     ds_config = resolve_ds_config(cfg, model_config.hidden_size)
     adapters.check_engine(cfg, ds_config)
-    # Keeps transformers aware of ZeRO-3, so large models are partitioned while they load.
-    zero3 = ds_config["zero_optimization"].get("stage") == 3 and not cfg.lora_r
+    # Keeps transformers aware of ZeRO-3, so the model is built inside zero.Init and each rank keeps
+    # only its partition as the weights load: full fine-tuning and LoRA alike (PEFT's adapters, made
+    # afterwards, are partitioned by deepspeed.initialize). Not a quantized base: check_engine refuses
+    # it, and transformers would load it whole on every rank anyway (bitsandbytes quantizes on load).
+    zero3 = ds_config["zero_optimization"].get("stage") == 3 and not cfg.quantize
     _hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
     model = adapters.load_base(cfg, run.device)
     if run.added_tokens:
@@ -58,6 +61,8 @@ def build_engine(run: Run, total_steps: int):
                 f"added the template's {run.added_tokens} marker token(s) to the tokenizer and embeddings"
             )
     model = adapters.apply_adapters(model, cfg)
+    if zero3:
+        adapters.match_dtype(model, adapters.load_dtype(cfg))
     optimizer = adapters.client_optimizer(cfg, model, ds_config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -93,9 +98,12 @@ class ZeroEngine:
 
     def _head(self) -> torch.nn.Linear | None:
         """The output projection when the chunked loss can use it: a plain linear layer (not one
-        wrapped by LoRA or quantised), else None."""
+        wrapped by LoRA or quantised) whose output is the logits (Gemma 2 soft-caps them after the
+        head), else None."""
         model = self.engine.module
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(hf.config, "final_logit_softcapping", None):
+            return None
         head = hf.get_output_embeddings()
         return head if type(head) is torch.nn.Linear else None
 

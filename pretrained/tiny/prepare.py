@@ -1,7 +1,8 @@
-"""Build the tiny GPT-NeoX (or Llama) base model with a tokenizer trained locally: nothing is downloaded.
+"""Build a tiny base model (GPT-NeoX, Llama, Mistral, Qwen3 or Gemma 2) with a tokenizer trained locally: nothing is downloaded.
 
     python pretrained/tiny/prepare.py --corpus data/demo/files/train.jsonl --out pretrained/tiny/model
     python pretrained/tiny/prepare.py --arch llama --corpus data/demo/files/train.jsonl --out pretrained/tiny-llama/model
+    python pretrained/tiny/prepare.py --arch qwen3     # also mistral, gemma2: pretrained/tiny-<family>/model
 
 The corpus is conversation JSONL or plain text files; without --corpus the demo's synthetic tasks
 are used. The weights are random (seeded): the model learns everything during fine-tuning.
@@ -20,13 +21,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="override the registry's number of layers")
     p.add_argument("--hidden", type=int, help="override the hidden size")
     p.add_argument("--heads", type=int, help="override the number of attention heads")
-    p.add_argument("--template", default="openchatkit", help="chat template the model will use")
+    p.add_argument("--template", help="chat template the model will use (default: the family's tiny entry's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--arch",
         choices=sorted(ARCHITECTURES),
         default="gpt_neox",
-        help="architecture (same tokenizer either way)",
+        help="architecture (the tokenizer is trained the same way for each)",
     )
     p.add_argument("--out", help="output Hugging Face folder (default: pretrained/tiny[-llama]/model)")
     args = p.parse_args()
