@@ -543,20 +543,26 @@ class Batches:
     def steps_per_epoch(self, accumulation: int) -> int:
         return len(self.rows(0)) // (self.micro_batch_size * self.world_size * accumulation)
 
-    def stream(self, skip: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def stream(self, skip: int = 0, accumulation: int = 1) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Endless (epoch, batch); rank r takes every world_size-th slice of micro_batch_size rows.
 
-        `skip` micro-batches are passed over without being built: a resumed run continues exactly
-        where the interrupted one stopped, since every epoch's order depends only on seed and epoch.
+        Step N of an epoch reads its rows N*G..(N+1)*G (G = micro_batch_size x world_size x
+        `accumulation`, the global batch) and an epoch ends after its last whole step, so the rows of a
+        step depend on G alone, not on how it is split: a run resumed on other ranks with the same G
+        continues on the same rows (chatkit.train.universal). `skip` micro-batches are passed over
+        without being built: a resumed run continues exactly where the interrupted one stopped, since
+        every epoch's order depends only on seed and epoch.
         """
         mbs = self.micro_batch_size
         per = mbs * self.world_size
         epoch = 0
         while True:
             plan = self.rows(epoch)
-            if len(plan) < per:
-                raise ValueError(f"{len(plan)} rows cannot fill one batch of {per} across ranks")
-            count = len(plan) // per
+            if len(plan) < per * accumulation:
+                raise ValueError(
+                    f"{len(plan)} rows cannot fill one batch of {per * accumulation} across ranks"
+                )
+            count = len(plan) // (per * accumulation) * accumulation
             if skip >= count:
                 skip -= count
                 epoch += 1

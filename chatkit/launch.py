@@ -26,6 +26,10 @@ its own --node-rank; the ranks then check that output_dir is one folder every no
 SIGTERM or SIGUSR1 (preemption) asks the ranks to save a checkpoint after their current step and
 stop; the launch then exits 0 and prints the command that resumes (run_group, chatkit.train.preemption).
 Ctrl-C stops the run at once, as before.
+
+--mode torchrun, slurm or mpi starts the ranks with torchrun, srun or mpirun instead of DeepSpeed's
+runner, and `auto` (the default) picks Slurm inside an allocation and torchrun under Kubeflow Trainer
+(chatkit.launch_modes); a --dry-run prints every mode's command.
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from chatkit import launch_modes
 from chatkit.architectures import ARCHITECTURES
 from chatkit.config import ConfigError, TrainConfig, config_error, read_config
 from chatkit.models import spec_for_path
@@ -696,7 +700,7 @@ def _tell_ranks(pgid: int, folder: Path, signum: int, told: set[int]) -> None:
             continue
         told.add(pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) == pgid:
+            if launch_modes.in_run(pid, pgid):  # torchrun's and mpirun's ranks: children of the group
                 os.kill(pid, signum)
 
 
@@ -847,7 +851,18 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help=f"show DeepSpeed's launcher log (world info, spawned commands; also {VERBOSE_ENV}=1)",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, plan and command only")
+    p.add_argument(
+        "--mode",
+        choices=("auto", *launch_modes.MODES),
+        default="auto",
+        help="what starts the ranks: DeepSpeed's runner, torchrun, Slurm's srun or mpirun (default auto: "
+        "slurm inside a Slurm allocation, torchrun where Kubeflow has set PET_NNODES, else deepspeed)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, plan and command (every mode's) only",
+    )
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -861,6 +876,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--num-gpus must be 0 or more")
     if args.cpu_ranks < 1:
         p.error("--cpu-ranks must be at least 1")
+    mode, why = launch_modes.choose(args.mode)
+    args.port_given = args.master_port is not None  # srun's ranks derive one from the job id otherwise
     if args.master_port == 0 and args.hostfile:
         p.error("--master-port 0 works on one node only: every node must be given the same port")
     if args.master_port is None:
@@ -870,9 +887,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # DeepSpeed's launcher log, here and in the ranks
 
-    world = world_of(args)
+    world = launch_modes.world_for(mode, world_of(args))
     overrides = list(args.overrides)
     errors, unset = node_problems(args)
+    errors += launch_modes.mode_problems(mode, args.include, args.hostfile)
+    unset += launch_modes.missing_tools(mode)
     if args.include and args.num_gpus is not None:
         errors.append(
             "--include and --num-gpus: give one (DeepSpeed's runner refuses both; --include names the GPUs)"
@@ -909,19 +928,32 @@ def main(argv: list[str] | None = None) -> None:
             refuse(problems)
     shared = str(Path(cfg.output_dir).resolve()) if world.nodes > 1 else None
     cmd, env = build_command(args, overrides, shared)
+    deepspeed_line = shown = command_line(cmd, env)
+    spec = launch_modes.Spec(
+        args.recipe, tuple(overrides), world, cfg.output_dir, args.master_port, args.port_given,
+        args.master_addr, args.node_rank, shared,
+    )  # fmt: skip
+    if mode != "deepspeed":
+        cmd, env = launch_modes.command(mode, spec)
+        shown = launch_modes.command_line(cmd, env)
     if args.dry_run:
         print("# resolved config")
         print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
         print("# plan")
         print("\n".join(plan_lines(cfg, world)))
+        print("# launch mode")
+        print(f"{mode} ({why})")
         print("# command")
-        print(command_line(cmd, env))
+        print(shown)
+        print("# commands by launch mode")
+        print("\n".join(launch_modes.commands_by_mode(spec, deepspeed_line)))
         return
+    print(f"launch: mode {mode} ({why})", file=sys.stderr)
     for line in plan_warnings(cfg, world):
         print(line, file=sys.stderr)
     tokenize_data(cfg)
     prebuild_cpu_adam(cfg, world.gpu)
-    folder = Path(tempfile.mkdtemp(prefix="chatkit-launch-"))  # where the ranks register (preemption)
+    folder = launch_modes.launch_folder(mode, cfg.output_dir)  # where the ranks register (preemption)
     env[preemption.LAUNCH_DIR_ENV], env[preemption.GRACE_ENV] = str(folder), str(cfg.preempt_grace_s)
     try:
         status = run_group(cmd, env)

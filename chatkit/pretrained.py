@@ -27,6 +27,7 @@ from chatkit.conversation import iter_jsonl
 from chatkit.io import check_apart
 from chatkit.models import ModelSpec, build_model, get_model_spec, save_base, train_tokenizer
 from chatkit.templates import get_template
+from chatkit.templates.base import TOOL_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,10 @@ def _corpus_texts(paths: Sequence[str], template: str) -> Iterator[str]:
     for path in paths:
         if path.endswith(".jsonl"):
             for conv in iter_jsonl(path):
-                yield tpl.render(conv.messages, "", "")
+                # with the conversation's tools, as training renders it: the family's tool prompt is
+                # then learned as pieces, not spelled out nearly letter by letter
+                tools = list(conv.tools) if conv.tools and template in TOOL_TEMPLATES else None
+                yield tpl.render(conv.messages, "", "", tools=tools)
         else:
             yield from Path(path).read_text(encoding="utf-8").splitlines()
 

@@ -127,8 +127,25 @@ def test_resume_with_other_data_settings_is_refused(tmp_path):
     cfg = TrainConfig(micro_batch_size=2)
     folder = _ckpt(tmp_path, "step2", data=checkpoint.data_position(cfg, 2))
     checkpoint.check_data_position(folder, cfg, 2)  # the same: fine
-    with pytest.raises(RunError, match=r"micro_batch_size 2 -> 4.*data_parallel 2 -> 1"):
-        checkpoint.check_data_position(folder, TrainConfig(micro_batch_size=4), 1)
+    # the same global batch split otherwise (another number of ranks): the same rows, so fine
+    checkpoint.check_data_position(folder, TrainConfig(micro_batch_size=4), 1)
+    checkpoint.check_data_position(folder, TrainConfig(micro_batch_size=1, gradient_accumulation_steps=2), 2)
+    with pytest.raises(
+        RunError,
+        match=r"global_batch 4 -> 6\) \(micro_batch_size 2 x gradient_accumulation_steps 1 x 2 .* saved; now 2 x 1 x 3\)",
+    ):
+        checkpoint.check_data_position(folder, TrainConfig(micro_batch_size=2), 3)
+    with pytest.raises(RunError, match=r"seed 0 -> 1"):
+        checkpoint.check_data_position(folder, TrainConfig(micro_batch_size=2, seed=1), 2)
+
+
+def test_a_checkpoint_saved_before_global_batches_were_recorded_is_checked_by_its_split(tmp_path):
+    old = {"micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 2048, "pack": True,
+           "seed": 0, "train_files": [], "data_parallel": 2}  # fmt: skip
+    folder = _ckpt(tmp_path, "step2", data=old)
+    checkpoint.check_data_position(folder, TrainConfig(micro_batch_size=4, max_length=2048, pack=True), 1)
+    with pytest.raises(RunError, match=r"global_batch 4 -> 8"):
+        checkpoint.check_data_position(folder, TrainConfig(micro_batch_size=4, max_length=2048, pack=True), 2)
 
 
 def test_explicit_damaged_tag_is_an_error(tmp_path):
@@ -144,6 +161,9 @@ class _FullDiskEngine:
     """Fails inside save_checkpoint as torch does on a full disk, after writing part of its files."""
 
     module = None
+
+    def zero_optimization_stage(self) -> int:
+        return 3
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
         (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"half")
@@ -162,6 +182,7 @@ def test_a_full_disk_during_a_save_says_so_and_leaves_nothing_behind(
     from transformers import GPTNeoXConfig
 
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 1)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 4096, 4096))
     cfg = TrainConfig(output_dir=str(tmp_path / "run"))

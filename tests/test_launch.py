@@ -96,6 +96,10 @@ NODE_0 = ("--node-rank", "0", "--master-addr", "10.0.0.1")
 """What each node's launch names with a hostfile: its place, and where node 0 listens."""
 
 
+DEEPSPEED_MODE = "launch: mode deepspeed (no Slurm allocation, no PET_* variables)"
+"""What a launch says first, where nothing asks for another launch mode (chatkit.launch_modes)."""
+
+
 def _launch(capsys, argv: list[str]) -> tuple[int, list[str]]:
     """(exit status, stderr lines) of chatkit.launch.main(argv)."""
     try:
@@ -624,7 +628,7 @@ def test_gpus_a_cpu_torch_cannot_use_are_refused(
     assert code == 0 and err == [f"warning: {errors[0][len('error: ') :]}; a launch here would stop on it"]
     for cpu in (["--cpu-ranks", "2"], ["--num-gpus", "0"]):  # CPU ranks, asked for
         code, err = _launch(capsys, [*argv, *cpu])
-        assert code == 0 and not err and started.envs[-1]["DS_ACCELERATOR"] == "cpu", err
+        assert code == 0 and err == [DEEPSPEED_MODE] and started.envs[-1]["DS_ACCELERATOR"] == "cpu", err
 
 
 def test_the_driver_device_node_is_evidence_too(capsys, started, machine, tmp_path, base, train):
@@ -637,7 +641,7 @@ def test_a_machine_without_gpus_trains_on_cpu_ranks(capsys, started, machine, tm
     for smi in ([], ["No devices were found"]):  # nvidia-smi lists none, or fails (exit 6 or 9)
         machine.nvidia_smi(smi, status=6 if smi else 9)
         code, err = _launch(capsys, _auto(tmp_path, base, train))
-        assert code == 0 and not err, err
+        assert code == 0 and err == [DEEPSPEED_MODE], err
         assert started.envs[-1]["DS_ACCELERATOR"] == "cpu" and _flag(started[-1], "--num_gpus") == "2"
 
 

@@ -106,8 +106,9 @@ def test_fit_steps_counts_and_logs(tmp_path, make_wordlevel_tokenizer, one_rank)
     run = _run(tmp_path, make_wordlevel_tokenizer(), eval_every=2, save_every=3, eval_prompts=["hi"])
     engine = FakeEngine(tmp_path)
     last, batches = _fit(run, engine)
-    # 4 steps of 3 micro-batches each, in the stream's order, each told the step's trained tokens
-    stream = batches.stream()
+    # 4 steps of 3 micro-batches each, in the stream's order (an epoch ends after its last whole
+    # step), each told the step's trained tokens
+    stream = batches.stream(accumulation=3)
     assert len(engine.steps) == 4
     for inputs, count in engine.steps:
         expected = [next(stream)[1] for _ in range(3)]

@@ -181,6 +181,35 @@ def test_ranks_get_disjoint_batches_covering_the_epoch(bpe_tokenizer, tmp_path):
     )  # each once, no overlap
 
 
+def test_a_step_reads_the_same_rows_however_the_global_batch_is_split(bpe_tokenizer, tmp_path):
+    """Step N reads rows N*G..(N+1)*G of the epoch's plan (G = micro-batch x ranks x accumulation), and
+    an epoch ends after its last whole step: a run resumed on other ranks with the same G (chatkit.train.
+    universal) reads, step after step and across epochs, the rows the interrupted run would have read."""
+    ts = tokenize_file(
+        str(_write(tmp_path / "d.jsonl", _convs(70))), bpe_tokenizer, OCK, 128, cache_dir=tmp_path
+    )
+
+    def steps(mbs: int, world: int, acc: int, skip_steps: int = 0, n: int = 30) -> list[list[tuple]]:
+        streams = [
+            Batches([ts], None, mbs, 128, False, r, world, seed=0, pad_id=1).stream(skip_steps * acc, acc)
+            for r in range(world)
+        ]
+        out = []
+        for _ in range(n):
+            rows = []
+            for _ in range(acc):
+                for stream in streams:
+                    rows += [tuple(r[r != 1].tolist()) for r in next(stream)[1]["input_ids"]]
+            out.append(sorted(rows))
+        return out
+
+    two_ranks = steps(3, 2, 1)  # 30 steps of 6 rows: 11 per epoch of 70, 4 rows left over each epoch
+    assert steps(2, 3, 1) == two_ranks
+    assert steps(3, 1, 2) == two_ranks
+    assert steps(1, 2, 3) == two_ranks
+    assert steps(2, 3, 1, skip_steps=13, n=17) == two_ranks[13:]  # resumed mid-epoch on 3 ranks
+
+
 def test_tokenize_file_multiprocess_equals_single_and_is_cached(bpe_tokenizer, tmp_path):
     src = _write(tmp_path / "d.jsonl", _convs(1200))
     one = tokenize_file(str(src), bpe_tokenizer, OCK, 128, num_proc=1, cache_dir=tmp_path / "c1")

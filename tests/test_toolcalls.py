@@ -1,6 +1,7 @@
 """Tool calls and reasoning read back out of generated text (chatkit/templates/replies.py), the shell's
-`[tool call]` line, the toolcall dataset (data/toolcall) on fixtures in each upstream layout, and, end to
-end, a tiny model trained here to call a tool, served through /v1/chat/completions.
+`[tool call]` line, the toolcall dataset (data/toolcall) on fixtures in each upstream layout, and the
+engine's prompt with tools. A tool-call data set trained, exported and served end to end:
+tests/test_toolcall_training.py.
 """
 
 from __future__ import annotations
@@ -409,132 +410,7 @@ def test_toolcall_errors_name_the_file_the_row_and_the_field(
     assert not (tmp_path / "out").exists()
 
 
-# --- end to end: a tiny model trained here to call a tool, served -----------------------------------
-
-CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Rome")
-THOUGHT = "I should call get_weather."
-GREETINGS = (("hi", "hello"), ("thanks", "you are welcome"), ("bye", "goodbye"))
-
-
-def _weather_conversations(n: int, rng: random.Random) -> list[list[Message]]:
-    """Weather questions answered by a get_weather call after a fixed thought (7 in 10), greetings
-    answered by a greeting: what the tool model learns, in qwen3's format with WEATHER offered."""
-    out = []
-    for _ in range(n):
-        if rng.random() < 0.7:
-            city = rng.choice(CITIES)
-            call = ToolCall("get_weather", {"city": city})
-            out.append([U(f"What is the weather in {city}?"), A("", reasoning=THOUGHT, calls=(call,))])
-        else:
-            said, answer = rng.choice(GREETINGS)
-            out.append([U(said), A(answer)])
-    return out
-
-
-def _fit(model, encoded: list, pad_id: int, steps: int = 250, batch: int = 8, lr: float = 5e-3) -> float:
-    """A plain AdamW loop over encode_conversation's labels (one-cycle schedule); the last loss."""
-    import torch
-
-    from chatkit.tokenization import IGNORE_INDEX
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for step in range(steps):
-        rows = [encoded[(step * batch + j) % len(encoded)] for j in range(batch)]
-        width = max(len(e.input_ids) for e in rows)
-        ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in rows])  # (B, T)
-        labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in rows])
-        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in rows])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return loss.item()
-
-
-@pytest.fixture(scope="module")
-def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama (2 layers, 64 wide) with a BPE tokenizer holding qwen3's markers as special tokens,
-    trained here for 250 steps on `_weather_conversations`, saved as a Hugging Face folder naming qwen3."""
-    import torch
-
-    from chatkit.models import build_model, get_model_spec, save_base, train_tokenizer
-
-    qwen3, rng = get_template("qwen3"), random.Random(0)
-    convs = _weather_conversations(400, rng)
-    texts = [qwen3.render(c, "<|endoftext|>", "", tools=[WEATHER]) for c in convs[:200]]
-    tok = train_tokenizer(texts, vocab_size=400, extra_tokens=qwen3.special_tokens)
-    shape = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
-    model = build_model(get_model_spec("tiny-llama"), tok, 0, num_key_value_heads=4, **shape)
-    torch.manual_seed(0)
-    encoded = [encode_conversation(tok, qwen3, c, [WEATHER]) for c in convs]
-    assert _fit(model, encoded, tok.pad_token_id) < 0.1
-    out = tmp_path_factory.mktemp("tool_model") / "weather"
-    save_base(model.eval(), tok, out, "qwen3")
-    return out
-
-
-@pytest.fixture(scope="module")
-def tool_client(tool_model: Path):
-    """The official openai client on the tool model's server (in-process, greedy, up to 80 tokens)."""
-    openai = pytest.importorskip("openai", reason="the openai client is a dev extra: pip install -e '.[dev]'")
-    from fastapi.testclient import TestClient
-
-    from chatkit.chat import ChatEngine, GenerationParams
-    from chatkit.serve import ServerConfig, create_app
-
-    engine = ChatEngine.from_pretrained(tool_model, device="cpu")
-    app = create_app(engine, ServerConfig("weather", GenerationParams(max_new_tokens=80, sample=False)))
-    with TestClient(app, base_url="http://127.0.0.1") as http:
-        yield openai.OpenAI(base_url="http://127.0.0.1/v1", api_key="none", http_client=http, max_retries=0)
-
-
-def _ask(client, text: str, **kw):
-    return client.chat.completions.create(
-        model="weather", messages=[{"role": "user", "content": text}], temperature=0, **kw
-    )
-
-
-@pytest.mark.slow
-def test_a_trained_model_calls_a_tool_through_the_api(tool_client):
-    r = _ask(tool_client, "What is the weather in Lima?", tools=[WEATHER])
-    choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    (call,) = choice.message.tool_calls
-    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
-    assert json.loads(call.function.arguments)["city"] in CITIES
-    assert choice.message.model_extra["reasoning_content"] == THOUGHT
-    # a greeting is answered as text, the think block read out of it
-    r = _ask(tool_client, "hi", tools=[WEATHER])
-    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("hello", "stop")
-    assert not r.choices[0].message.tool_calls and "reasoning_content" not in r.choices[0].message.model_extra
-    # tool_choice none: no tool list in the prompt, and no call read back
-    r = _ask(tool_client, "What is the weather in Lima?", tools=[WEATHER], tool_choice="none")
-    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
-
-
-@pytest.mark.slow
-def test_a_trained_models_tool_call_streams_as_openai_streams_one(tool_client):
-    whole = _ask(tool_client, "What is the weather in Lima?", tools=[WEATHER]).choices[0].message
-    chunks = list(_ask(tool_client, "What is the weather in Lima?", tools=[WEATHER], stream=True))
-    deltas = [c.choices[0].delta for c in chunks]
-    assert deltas[0].role == "assistant"
-    reasoning = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
-    assert reasoning == THOUGHT and not "".join(d.content or "" for d in deltas)
-    calls = [d.tool_calls for d in deltas if d.tool_calls]
-    assert len(calls) == 2  # the call's head (index, id, type, name), then its arguments
-    head, args = calls[0][0], calls[1][0]
-    assert (head.index, head.type, head.function.name, head.function.arguments) == (
-        0,
-        "function",
-        "get_weather",
-        "",
-    )
-    assert head.id.startswith("call_") and args.index == 0 and args.id is None
-    assert args.function.arguments == whole.tool_calls[0].function.arguments
-    assert [c.choices[0].finish_reason for c in chunks][-1] == "tool_calls"
+# --- the engine's prompt with tools (the trained path, end to end: tests/test_toolcall_training.py) ---
 
 
 def test_the_engine_prompts_with_the_tools_and_thinking_it_is_given(tiny_engine):

@@ -39,6 +39,16 @@ def hf_key(config, layer_idx: int, key: str) -> str | None:
     raise ValueError(f"unexpected key {key!r} in pipeline layer {layer_idx} ({n} decoder layers)")
 
 
+def hf_param_name(config, name: str) -> str | None:
+    """HF name of a PipelineModule parameter: `{layer}.{key}` (DeepSpeed names each layer by its index
+    in the whole model, whatever the stage) or `tied_modules.embed.{key}` (a tied embedding, held by
+    the first and the last stage alike)."""
+    if name.startswith("tied_modules."):
+        return hf_key(config, 0, name.split(".", 2)[2])
+    idx, _, key = name.partition(".")
+    return hf_key(config, int(idx), key)
+
+
 def _layer_files(tag_dir: Path) -> list[tuple[int, Path]]:
     files = sorted(tag_dir.glob("layer_*-model_states.pt"))  # also layer_XX-model_YY-model_states.pt
     if not files:

@@ -22,6 +22,7 @@ from loguru import logger
 from chatkit.config import TrainConfig, save_config
 from chatkit.convert.safe import UnsafeFileError, load_weights_only
 from chatkit.io import atomic_open, read_meta, write_json
+from chatkit.train import universal
 from chatkit.train.context import RunError
 from chatkit.train.manifest import MANIFEST, check_manifest, write_manifest
 
@@ -100,19 +101,21 @@ def newest_complete(root: Path) -> tuple[Path, str] | None:
     return None
 
 
-DATA_POSITION = (
-    "micro_batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "pack",
-    "seed",
-    "train_files",
-)
-"""Settings that fix which rows step N reads: a resume with other values would continue elsewhere."""
+DATA_POSITION = ("max_length", "pack", "seed", "train_files")
+"""Settings that fix which rows step N reads: a resume with other values would continue elsewhere.
+With them, the global batch (micro_batch_size x gradient_accumulation_steps x data-parallel ranks):
+step N reads the rows N*G..(N+1)*G of the epoch's plan whatever the split (chatkit.data.Batches), so
+a resume on other ranks continues on the same rows when it keeps G."""
 
 
 def data_position(cfg: TrainConfig, dp_world: int) -> dict[str, Any]:
-    return {**{k: getattr(cfg, k) for k in DATA_POSITION}, "data_parallel": dp_world}
+    return {
+        **{k: getattr(cfg, k) for k in DATA_POSITION},
+        "micro_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "data_parallel": dp_world,
+        "global_batch": cfg.micro_batch_size * cfg.gradient_accumulation_steps * dp_world,
+    }
 
 
 def check_data_position(folder: Path, cfg: TrainConfig, dp_world: int) -> None:
@@ -121,11 +124,24 @@ def check_data_position(folder: Path, cfg: TrainConfig, dp_world: int) -> None:
     if not saved:
         return  # saved before this was recorded
     now = data_position(cfg, dp_world)
-    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    keys = [*DATA_POSITION, "global_batch"]
+    if "global_batch" not in saved:  # saved before global batches were recorded: its split is known
+        saved = {**saved, "global_batch": saved["micro_batch_size"] * saved["gradient_accumulation_steps"]
+                 * saved["data_parallel"]}  # fmt: skip
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
     if changed:
+        split = (
+            f" (micro_batch_size {saved['micro_batch_size']} x gradient_accumulation_steps "
+            f"{saved['gradient_accumulation_steps']} x {saved['data_parallel']} data-parallel rank(s) when "
+            f"saved; now {now['micro_batch_size']} x {now['gradient_accumulation_steps']} x {dp_world})"
+            if "global_batch" in [c.split()[0] for c in changed]
+            else ""
+        )
         raise RunError(
-            f"resume: {folder.name} was saved with other data settings ({', '.join(changed)}): the run "
-            "would continue on other rows. Resume with the saved settings, or start a new output_dir."
+            f"resume: {folder.name} was saved with other data settings ({', '.join(changed)}){split}: the run "
+            "would continue on other rows. Resume with the saved settings (on other ranks, choose "
+            "micro_batch_size and gradient_accumulation_steps that keep the global batch), or start a new "
+            "output_dir."
         )
 
 
@@ -164,10 +180,12 @@ def save(
     model_config=None,
     meta=None,
     dp_world: int = 1,
+    own_files: dict[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoints/stepN` (DeepSpeed shards plus what export and chat need) atomically.
 
     `model_config` is needed when the engine's module is not a transformers model (a PipelineModule).
+    `own_files`: JSON files this rank adds (a pipeline stage's parameter order, for a universal resume).
     """
     import torch.distributed as dist
 
@@ -185,6 +203,7 @@ def save(
         if cfg.about:
             info["about"] = cfg.about
         info["data"] = data_position(cfg, dp_world)
+        info["layout"] = universal.layout_of(engine, dp_world)
         write_json(root / tmp / "chatkit.json", info)
         save_config(cfg, root / tmp / "train_config.yaml")
     dist.barrier()
@@ -193,6 +212,8 @@ def save(
         engine.save_checkpoint(str(root), tag=tmp, client_state=state, save_latest=False)
         (root / tmp).mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file, on other nodes
         torch.save(rng_state(), rng_file(root / tmp, dist.get_rank()))
+        for name, value in (own_files or {}).items():
+            write_json(root / tmp / name, value)
         save_adapter(engine.module, root / tmp, rank)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(root / tmp, ignore_errors=True)
@@ -289,13 +310,31 @@ def _load_quantized_module(src: dict[str, Any], dst: torch.nn.Module) -> None:
         )
 
 
-def load(engine, root: Path, tag: str, quantized: bool = False) -> dict[str, Any]:
+def load(engine, root: Path, tag: str, quantized: bool = False, dp_world: int = 1) -> dict[str, Any]:
     """Restore a checkpoint into the engine; returns its client state (step, data position, ...).
 
     DeepSpeed's checkpoint engine reads its files with `weights_only=False`, so a tampered checkpoint
     could run code on resume; every file this engine reads goes through `load_weights_only` instead.
-    A quantized base (QLoRA) is loaded strictly except for bitsandbytes' quantization state.
+    A quantized base (QLoRA) is loaded strictly except for bitsandbytes' quantization state. A
+    checkpoint saved at another layout (ranks, ZeRO stage, pipeline stages) goes through its universal
+    form (chatkit.train.universal), or is refused in one line before any step when it cannot.
     """
+    import torch.distributed as dist
+
+    saved, now = universal.saved_layout(root / tag), universal.layout_of(engine, dp_world)
+    if saved is not None and saved != now:
+        problem = universal.cannot_resume(saved, now)
+        if problem is None and quantized:
+            problem = "a QLoRA run resumes only at the layout it was saved at"
+        if problem:
+            raise RunError(f"resume: {tag} cannot continue here: {problem}", all_ranks=True)
+        if dist.get_rank() == 0:
+            logger.info(
+                f"resume: {tag} was saved at {universal.describe(saved)}; continuing at {universal.describe(now)}"
+            )
+        state = universal.load(engine, root, tag, dist.get_rank(), saved["pipeline_stages"] > 1)
+        _restore_rng(root / tag, state, dist.get_rank(), saved["world"])
+        return state
     engine.checkpoint_engine.load = load_weights_only
     try:
         path, state = engine.load_checkpoint(
@@ -309,15 +348,19 @@ def load(engine, root: Path, tag: str, quantized: bool = False) -> dict[str, Any
         raise RunError(f"resume: {e}") from None
     if path is None:
         raise FileNotFoundError(f"resume: {root / tag} could not be loaded")
-    import torch.distributed as dist
+    _restore_rng(root / tag, state, dist.get_rank(), dist.get_world_size())
+    return state
 
-    mine = rng_file(root / tag, dist.get_rank())
+
+def _restore_rng(folder: Path, state: dict[str, Any], rank: int, saved_world: int) -> None:
+    """This rank's saved random state; at another world size, that of saved rank `rank % saved_world`
+    (dropout masks then differ from an uninterrupted run's, which no other choice avoids)."""
+    mine = rng_file(folder, rank % saved_world)
     if mine.is_file():
         set_rng_state(load_weights_only(mine))
-    else:  # saved by a run with fewer ranks: dropout masks will differ from an uninterrupted run
-        logger.warning(f"resume: no {mine.name} in {root / tag}; using rank 0's random state")
+    else:  # saved before random states were kept per rank
+        logger.warning(f"resume: no {mine.name} in {folder}; using rank 0's random state")
         torch.set_rng_state(state["torch_rng"])
-    return state
 
 
 def rng_file(folder: Path, rank: int) -> Path:

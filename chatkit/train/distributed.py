@@ -3,9 +3,10 @@ much of DeepSpeed's own log a user sees."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -71,6 +72,91 @@ def skip_shm_allreduce() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
+def expand_hostlist(hostlist: str) -> list[str]:
+    """The hosts of a Slurm hostlist (`node[01-03,07],gpu5` -> node01 node02 node03 node07 gpu5), in
+    order, zero padding kept; several bracket groups in one name (`r[1-2]n[1-2]`) multiply out. What
+    `scontrol show hostnames` prints, without scontrol, which a rank's node may lack."""
+    hosts: list[str] = []
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", hostlist):
+        prefix, bracket, rest = name.partition("[")
+        if not bracket:
+            hosts.append(name)
+            continue
+        ranges, _, suffix = rest.partition("]")
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            hosts += [
+                prefix + str(i).zfill(len(lo)) + tail
+                for i in range(int(lo), int(hi or lo) + 1)
+                for tail in expand_hostlist(suffix) or [""]
+            ]
+    return hosts
+
+
+def slurm_port(job_id: str) -> int:
+    """The rendezvous port of a Slurm job that names none: one of 15000-34999 from its job id, the same
+    on every node, and apart for jobs that share a node."""
+    return 15000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def _slurm_rank_env(env: dict[str, str]) -> dict[str, str]:
+    first = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "CROSS_RANK": env.get("SLURM_NODEID", "?"),  # the node, as DeepSpeed's launcher names it
+        "MASTER_ADDR": env.get("MASTER_ADDR") or (first[0] if first else "127.0.0.1"),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID", "0"))),
+    }
+
+
+def _mpi_rank_env(env: dict[str, str], rank: str, size: str, local: str, local_size: str) -> dict[str, str]:
+    addr = env.get("MASTER_ADDR")
+    if not addr and local_size != size:
+        from chatkit.train.context import RunError
+
+        raise RunError(
+            "MPI ranks on several nodes need MASTER_ADDR, node 0's address (`chatkit.launch --mode mpi` "
+            "passes it with -x), or mpi4py for DeepSpeed's own discovery",
+            all_ranks=True,
+        )
+    port = env.get("MASTER_PORT") or "29500"
+    return {"RANK": rank, "WORLD_SIZE": size, "LOCAL_RANK": local, "MASTER_ADDR": addr or "127.0.0.1",
+            "MASTER_PORT": port}  # fmt: skip
+
+
+def launcher_rank_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT of a rank started by srun or mpirun,
+    read from what they set (the variables torch.distributed's env:// rendezvous reads); {} when RANK is
+    set already (DeepSpeed's launcher, torchrun) or neither started this process.
+
+    srun: SLURM_PROCID, SLURM_STEP_NUM_TASKS (SLURM_NTASKS), SLURM_LOCALID; node 0 is the first of the
+    step's node list, the port $MASTER_PORT or `slurm_port`. Open MPI: OMPI_COMM_WORLD_RANK, _SIZE,
+    _LOCAL_RANK; MPICH/Hydra: PMI_RANK, PMI_SIZE, MPI_LOCALRANKID; node 0 and the port from
+    $MASTER_ADDR/$MASTER_PORT (chatkit.launch passes them with -x). Without MASTER_ADDR and with mpi4py
+    installed, it is left to DeepSpeed's own MPI discovery (deepspeed.comm.mpi_discovery)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env:
+        return {}
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # a task of an srun step, not the batch shell
+        return _slurm_rank_env(env)
+    if "OMPI_COMM_WORLD_RANK" in env:
+        mpi = [env.get(f"OMPI_COMM_WORLD_{k}", "0") for k in ("RANK", "SIZE", "LOCAL_RANK", "LOCAL_SIZE")]
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        mpi = [
+            env["PMI_RANK"],
+            env["PMI_SIZE"],
+            env.get("MPI_LOCALRANKID", "0"),
+            env.get("MPI_LOCALNRANKS", "0"),
+        ]
+    else:
+        return {}
+    if not env.get("MASTER_ADDR") and importlib.util.find_spec("mpi4py") is not None:
+        return {}  # deepspeed.init_distributed asks MPI itself
+    return _mpi_rank_env(env, *mpi)
+
+
 def process_group_timeout(collective_timeout_s: float) -> timedelta:
     """torch's own collective timeout: DeepSpeed's (DEEPSPEED_TIMEOUT minutes, default 10), raised to
     outlast collective_timeout_s, so that chatkit's watchdog, which reports every rank's stack, fires
@@ -89,6 +175,7 @@ def init_distributed(collective_timeout_s: float = 0.0) -> tuple[int, int, torch
 
     from chatkit.train.preflight import BACKEND_CHECK_S, check_backend
 
+    os.environ.update(launcher_rank_env())  # srun's or mpirun's ranks: as DeepSpeed's launcher sets them
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu:
         skip_shm_allreduce()

@@ -110,7 +110,7 @@ def fit(run: Run, engine: Engine, batches: Batches, val_sets: list[TokenizedSet]
         return finished(run, steps)
     check_disk_room(cfg, engine, run.rank, start, steps)
     announce(run, engine, batches, steps)
-    stream = batches.stream(skip=start * gas)
+    stream = batches.stream(skip=start * gas, accumulation=gas)
     monitor = Monitor(cfg, run.out, run.main, after=start)
     bar = tqdm(total=steps, initial=start, desc="train", disable=not run.main, dynamic_ncols=True)
     last: dict[str, Any] = {}

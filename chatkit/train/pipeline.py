@@ -192,14 +192,24 @@ class PipelineEngine:
         return replies
 
     def save(self, step: int, epoch: int) -> Path:
+        """A checkpoint, with each stage's optimizer order by parameter name (a resume without a
+        pipeline converts it: chatkit.train.pipeline_universal)."""
+        from chatkit.train.pipeline_universal import NAMES, stage_names
+
         run = self.run
+        stage = self.topo.get_coord(run.rank).pipe
+        names = (
+            {NAMES.format(stage): stage_names(self.engine.module, self.model_config)}
+            if self.dp_rank == 0
+            else {}
+        )
         return checkpoint.save(
             self.engine, run.cfg, run.tokenizer, step, run.rank, {"epoch": epoch}, self.model_config,
-            {"pipeline": True}, dp_world=self.dp_world,
+            {"pipeline": True}, dp_world=self.dp_world, own_files=names,
         )  # fmt: skip
 
     def resume(self, root: Path, tag: str) -> int:
-        return int(checkpoint.load(self.engine, root, tag)["step"])
+        return int(checkpoint.load(self.engine, root, tag, dp_world=self.dp_world)["step"])
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

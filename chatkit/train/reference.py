@@ -90,11 +90,11 @@ def used_pairs(batches: Batches, steps: int, accumulation: int) -> list[np.ndarr
     """Per training set, whether the run's `steps` draw each pair: a run of max_steps over a large set
     scores only what it trains on (the rows of each epoch depend only on seed and epoch)."""
     used = [np.zeros(len(s), dtype=bool) for s in batches.sets]
-    per = batches.micro_batch_size * batches.world_size
-    left, epoch = steps * accumulation * per, 0
+    per = batches.micro_batch_size * batches.world_size * accumulation  # rows per step
+    left, epoch = steps * per, 0
     while left > 0:
         rows = batches.rows(epoch)
-        take = min(left, len(rows) // per * per)
+        take = min(left, len(rows) // per * per)  # an epoch ends after its last whole step
         if take == 0:
             break  # too few rows for one batch: the run itself says so
         for row in rows[:take]:

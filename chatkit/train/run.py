@@ -3,6 +3,7 @@ the data, and hand all of it to the one loop. `training/train.py` is its command
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from chatkit.config import TrainConfig
 from chatkit.train import preemption, watchdog
 from chatkit.train.context import Run, RunError, make_run
 from chatkit.train.data import load_data
-from chatkit.train.distributed import init_distributed, setup_logging
+from chatkit.train.distributed import init_distributed, launcher_rank_env, setup_logging
 from chatkit.train.engine import Engine
 from chatkit.train.loop import fit, total_steps
 from chatkit.train.preflight import check_same_run
@@ -79,7 +80,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Before any work: the collective backend answers (init_distributed), every rank runs the same code
     and config (chatkit.train.preflight), and from then on a collective that waits past
     collective_timeout_s ends the run with every rank's stack (chatkit.train.watchdog)."""
-    preemption.listen()  # first: from here on a SIGTERM asks for a checkpoint instead of killing
+    os.environ.update(launcher_rank_env())  # srun's and mpirun's ranks name themselves, as DeepSpeed's do
+    preemption.listen()  # then: from here on a SIGTERM asks for a checkpoint instead of killing
     rank, world, device = init_distributed(cfg.collective_timeout_s)
     out = Path(cfg.output_dir)
     watchdog.start(cfg.collective_timeout_s, rank, world, out)

@@ -221,7 +221,9 @@ class ZeroEngine:
         )
 
     def resume(self, root: Path, tag: str) -> int:
-        state = checkpoint.load(self.engine, root, tag, quantized=bool(self.run.cfg.quantize))
+        state = checkpoint.load(
+            self.engine, root, tag, quantized=bool(self.run.cfg.quantize), dp_world=self.dp_world
+        )
         return int(state["step"])
 
     def lr(self) -> float:
