@@ -948,11 +948,11 @@ def main(argv: list[str] | None = None) -> None:
         print("# commands by launch mode")
         print("\n".join(launch_modes.commands_by_mode(spec, deepspeed_line)))
         return
-    print(f"launch: mode {mode} ({why})", file=sys.stderr)
     for line in plan_warnings(cfg, world):
         print(line, file=sys.stderr)
     tokenize_data(cfg)
     prebuild_cpu_adam(cfg, world.gpu)
+    print(f"launch: mode {mode} ({why})", file=sys.stderr)  # once the ranks are about to start
     folder = launch_modes.launch_folder(mode, cfg.output_dir)  # where the ranks register (preemption)
     env[preemption.LAUNCH_DIR_ENV], env[preemption.GRACE_ENV] = str(folder), str(cfg.preempt_grace_s)
     try:

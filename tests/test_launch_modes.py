@@ -408,6 +408,32 @@ def test_torchrun_takes_the_deepspeed_runner_s_steps(runs):
     _same_steps(runs, "torchrun")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_on_two_nodes_meets_at_node_0_and_takes_the_same_steps(runs, tmp_path):
+    """Two launches as two nodes on loopback (one rank each, the hostfile's slots), meeting through
+    torchrun's c10d rendezvous on node 0's port: no SSH, one launch per node, one run."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(launch.free_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            sys.executable, "-m", "chatkit.launch", "config/tiny.yaml", *_overrides(runs, "torchrun-nodes"),
+            "--mode", "torchrun", "--hostfile", str(hosts), "--node-rank", str(node), "--master-addr",
+            "127.0.0.1", "--master-port", port,
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert all("launch: mode torchrun (--mode torchrun)" in out for out in outs)
+    # c10d's rendezvous numbers the nodes as they arrive: rank 0, which logs, is on either node
+    assert "2 rank(s)" in outs[0] + outs[1], outs[0][-3000:] + outs[1][-3000:]
+    _same_steps(runs, "torchrun-nodes")
+
+
 def _job_with_a_free_port() -> str:
     """A Slurm job id whose derived port (chatkit.train.distributed.slurm_port) is free here now."""
     for job in range(os.getpid() % 20000, os.getpid() % 20000 + 20000):

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from chatkit.convert.safe import torch_load_safe
+from chatkit.convert.weights import TensorRef
+
 NAMES = "optimizer_params_stage{}.json"
 
 
@@ -51,23 +54,24 @@ Moments = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """(Hugging Face name, fp32 weight, exp_avg, exp_avg_sq, Adam step) of one parameter."""
 
 
-def _torch_optimizer(folder: Path, weights: dict[str, torch.Tensor]) -> Iterator[Moments]:
-    """fp32 runs: each stage's torch AdamW state, by position, in its mp_rank file; the per-layer
-    files hold the fp32 weights it updates."""
+def _torch_optimizer(folder: Path, weights: dict[str, TensorRef]) -> Iterator[Moments]:
+    """fp32 runs: each stage's torch AdamW state, by position, in its mp_rank file (memory-mapped:
+    pages are read as each parameter is written); the per-layer files hold the fp32 weights it updates."""
     for path, names in _stage_files(folder):
-        optimizer = torch.load(path)["optimizer"]
+        optimizer = torch_load_safe(path)["optimizer"]
         indices = [i for g in optimizer["param_groups"] for i in g["params"]]
         if len(indices) != len(names):
             raise ValueError(f"{path.name}: {len(indices)} optimizer parameters, {len(names)} names recorded")
         for i, name in zip(indices, names, strict=True):
             state = optimizer["state"][i]
-            yield name, weights[name], state["exp_avg"], state["exp_avg_sq"], state["step"]
+            yield name, weights[name].load(), state["exp_avg"], state["exp_avg_sq"], state["step"]
 
 
-def _bf16_optimizer(folder: Path, weights: dict[str, torch.Tensor]) -> Iterator[Moments]:
+def _bf16_optimizer(folder: Path, weights: dict[str, TensorRef]) -> Iterator[Moments]:
     """bf16 runs: DeepSpeed's BF16_Optimizer keeps flat fp32 partitions per data-parallel rank
     (`bf16_zero_pp_rank_D_mp_rank_SS_optim_states.pt`) with each parameter's place in them by
-    PipelineModule name (`param_slice_mappings`); a parameter split over ranks is joined in rank order."""
+    PipelineModule name (`param_slice_mappings`); a parameter split over ranks is joined in rank order.
+    The files are memory-mapped, so a stage's partitions are read parameter by parameter, not held."""
     from chatkit.convert.pipeline import hf_param_name
 
     config = _config(folder)
@@ -82,7 +86,7 @@ def _bf16_optimizer(folder: Path, weights: dict[str, torch.Tensor]) -> Iterator[
         parts: dict[str, list[list[torch.Tensor]]] = {}
         steps: dict[str, torch.Tensor] = {}
         for f in files:
-            osd = torch.load(f)["optimizer_state_dict"]
+            osd = torch_load_safe(f)["optimizer_state_dict"]
             base = osd["base_optimizer_state"]["state"]
             for g, mapping in enumerate(osd["param_slice_mappings"]):
                 flat = (osd["single_partition_of_fp32_groups"][g], base[g]["exp_avg"], base[g]["exp_avg_sq"])
@@ -109,9 +113,10 @@ def pipeline_to_universal(folder: Path, out: Path) -> None:
     """Write `out/zero/<name>/...`, `out/zero/optimizer_state.pt` and the run's state file."""
     from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
 
-    from chatkit.convert.pipeline import pipeline_state_to_hf
+    from chatkit.convert.pipeline import pipeline_refs
 
-    weights = pipeline_state_to_hf(folder)
+    refs, release = pipeline_refs(folder)  # the weights by name, read one layer file at a time
+    weights = {r.name: r for r in refs}
     bf16 = bool(list(folder.glob("bf16_zero_pp_rank_*_optim_states.pt")))
     zero = out / "zero"
     step = None
@@ -124,9 +129,10 @@ def pipeline_to_universal(folder: Path, out: Path) -> None:
         for key, t in (("fp32", fp32), ("exp_avg", avg), ("exp_avg_sq", avg_sq)):
             torch.save({"param": t.float().clone()}, zero / name / f"{key}.pt")
         torch.save(step, zero / name / "step.pt")
+    release()
     if step is None:
         raise ValueError(f"{folder}: no optimizer state found")
-    first = torch.load(folder / "mp_rank_00_model_states.pt")
+    first = torch_load_safe(folder / "mp_rank_00_model_states.pt")
     optimizer = first["optimizer"]
     inner = optimizer["base_optimizer_state"] if bf16 else optimizer
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in inner[PARAM_GROUPS]]

@@ -182,10 +182,10 @@ def safe_torch_load() -> Iterator[None]:
     real = torch.load
     allowed = deepspeed_safe_globals()
 
-    def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def load(f: Any, map_location: Any = None, *args: Any, mmap: bool | None = None, **kwargs: Any) -> Any:
         try:
             with torch.serialization.safe_globals(allowed):
-                return real(f, map_location=map_location or "cpu", weights_only=True)
+                return real(f, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             raise UnsafeFileError(
                 f"{f}: refused: it holds pickled objects that are not tensors ({e})"
