@@ -133,7 +133,14 @@ print(json.dumps({
     "equal": all(torch.equal(p, expected[n]) for n, p in held.items()),
     "module": sum(p.numel() for p in module.parameters()),
     "parts": [int(i) for i in module.parts],
-}))
+}), flush=True)
+# Leave the group together and skip interpreter teardown, as training/train.py does: gloo's threads torn
+# down in Python's order now and then abort a finished rank ("terminate called without an active
+# exception", exit 250).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+import os
+os._exit(0)
 """
 
 
