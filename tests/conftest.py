@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tokenizers import Regex, Tokenizer, pre_tokenizers
@@ -136,53 +138,66 @@ def tiny_engine(tiny_model_dir: Path):
 # --- the served chat (inference/serve.py on the tiny model, a real uvicorn on 127.0.0.1) -----------
 
 
-@pytest.fixture(scope="session")
-def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """inference/serve.py in a subprocess on a free loopback port, with an API key and greedy defaults
-    (max 8 tokens); yields an object with .url, .key and .log (the server's output file)."""
+@contextlib.contextmanager
+def serve_subprocess(
+    model: Path, log: Path, *args: str, env: dict | None = None
+) -> Iterator[tuple[str, Any]]:
+    """inference/serve.py on `model` (with `args`) in a subprocess on a free loopback port, its output
+    in `log`; yields (url, process) once /health answers, and stops it afterwards."""
     import os
     import socket
     import subprocess
     import sys
     import time
-    import types
     import urllib.request
 
     repo = Path(__file__).resolve().parents[1]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    key = "test-key-123"
-    cmd = [sys.executable, "inference/serve.py", "--model", str(tiny_model_dir), "--port", str(port),
-           "--api-key", key, "--max-tokens", "8", "--no-sample", "--device", "cpu"]  # fmt: skip
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "inference/serve.py", "--model", str(model), "--port", str(port), *args]
     with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, cwd=repo, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd, cwd=repo, stdout=f, stderr=subprocess.STDOUT,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"serve.py exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"serve.py exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+                )
+            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
                     break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"serve.py did not answer /health in 120 s:\n{log.read_text(errors='replace')[-3000:]}"
+                )
+            time.sleep(0.25)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            pytest.fail(
-                f"serve.py did not answer /health in 120 s:\n{log.read_text(errors='replace')[-3000:]}"
-            )
-        time.sleep(0.25)
-    yield types.SimpleNamespace(url=url, key=key, log=log, proc=proc)
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """inference/serve.py in a subprocess on a free loopback port, with an API key and greedy defaults
+    (max 8 tokens); yields an object with .url, .key and .log (the server's output file)."""
+    import types
+
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    key = "test-key-123"
+    args = ("--api-key", key, "--max-tokens", "8", "--no-sample", "--device", "cpu")
+    with serve_subprocess(tiny_model_dir, log, *args) as (url, proc):
+        yield types.SimpleNamespace(url=url, key=key, log=log, proc=proc)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_serve import free_port, serve_in_thread
 
 from chatkit.batching import BatchDecoder
 from chatkit.chat import ChatEngine, Decoding, GenerationParams, StreamInfo
@@ -170,29 +171,6 @@ def test_raw_completions_batch_too(tiny_engine):
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_in_thread(app, port: int):
-    """`app` on uvicorn in a thread on 127.0.0.1:`port`; returns the server (set should_exit)."""
-    import time
-
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return server
 
 
 @pytest.fixture

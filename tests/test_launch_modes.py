@@ -399,13 +399,19 @@ def _same_steps(runs: Path, name: str) -> None:
     assert run == pytest.approx(ref, abs=1e-6)
 
 
+NO_MPIRUN = pytest.mark.skipif(
+    shutil.which("mpirun") is None, reason="no mpirun (Debian: apt-get install openmpi-bin)"
+)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_takes_the_deepspeed_runner_s_steps(runs):
-    code, output = _run(_launch_cmd(runs, "torchrun"))
+@pytest.mark.parametrize("mode", ["torchrun", pytest.param("mpi", marks=NO_MPIRUN)])
+def test_torchrun_and_mpirun_take_the_deepspeed_runner_s_steps(runs, mode):
+    code, output = _run(_launch_cmd(runs, mode))
     assert code == 0, output[-4000:]
-    assert "launch: mode torchrun (--mode torchrun)" in output
-    _same_steps(runs, "torchrun")
+    assert f"launch: mode {mode} (--mode {mode})" in output
+    _same_steps(runs, mode)
 
 
 @pytest.mark.slow
@@ -475,22 +481,10 @@ def test_ranks_started_as_srun_starts_them_take_the_same_steps(runs):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (Debian: apt-get install openmpi-bin)")
-def test_mpirun_takes_the_deepspeed_runner_s_steps(runs):
-    code, output = _run(_launch_cmd(runs, "mpi"))
-    assert code == 0, output[-4000:]
-    assert "launch: mode mpi (--mode mpi)" in output
-    _same_steps(runs, "mpi")
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["torchrun", "mpi"])
+@pytest.mark.parametrize("mode", ["torchrun", pytest.param("mpi", marks=NO_MPIRUN)])
 def test_a_preemption_signal_reaches_ranks_in_process_groups_of_their_own(runs, mode):
     """torchrun and mpirun start each rank in a process group of its own: SIGUSR1 to the launcher still
     reaches them, and the run saves, exits 0 and names the command that goes on."""
-    if mode == "mpi" and shutil.which("mpirun") is None:
-        pytest.skip("no mpirun (Debian: apt-get install openmpi-bin)")
     out = runs / f"preempted-{mode}"
     cmd = [*_launch_cmd(runs, mode), f"output_dir={out}", "max_steps=1000"]
     env = {k: v for k, v in os.environ.items() if k not in ("CHATKIT_CPU_RANKS", "MASTER_PORT")}

@@ -13,15 +13,13 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import serve_subprocess
 from test_toolcalls import WEATHER  # the tool the data offers, as the fast tests define it
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev extra: pip install -e '.[dev]'")
@@ -107,37 +105,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.contextmanager
 def _serve(model: Path, log: Path, key: str) -> Iterator[str]:
     """inference/serve.py on `model` on a free loopback port (greedy, up to 80 tokens); yields its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "inference/serve.py", "--model", str(model), "--port", str(port), "--api-key", key,
-           "--model-name", "weather", "--max-tokens", "80", "--no-sample", "--device", "cpu"]  # fmt: skip
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"serve.py exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
-                )
-            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"serve.py did not answer /health in 120 s:\n{log.read_text(errors='replace')[-3000:]}"
-                )
-            time.sleep(0.25)
+    args = (
+        "--api-key",
+        key,
+        "--model-name",
+        "weather",
+        "--max-tokens",
+        "80",
+        "--no-sample",
+        "--device",
+        "cpu",
+    )
+    with serve_subprocess(model, log, *args) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

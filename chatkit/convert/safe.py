@@ -41,19 +41,24 @@ def _refused(path: str | Path, e: pickle.UnpicklingError) -> UnsafeFileError:
     )
 
 
+_TORCH_LOAD = torch.load
+"""torch's own loader, kept here: chatkit.train.universal routes DeepSpeed's `torch.load` calls
+through `load_weights_only`, which must still reach torch's."""
+
+
 def load_weights_only(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """Read a pickled checkpoint file without running any code from it (DeepSpeed's own load signature).
 
     DeepSpeed is imported (slow, and chatty on some machines) only when a file names its classes.
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "deepspeed" not in str(e):
             raise _refused(path, e) from None
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _refused(path, e) from None
 

@@ -173,23 +173,15 @@ def _under_both_names(folder: Path) -> None:
 
 @contextlib.contextmanager
 def safe_torch_load() -> Iterator[None]:
-    """Every `torch.load` DeepSpeed makes inside the block reads with weights_only=True (DeepSpeed's
-    own classes allowed by name, as chatkit.convert.safe.load_weights_only does)."""
-    import pickle
-
-    from chatkit.convert.safe import UnsafeFileError, deepspeed_safe_globals
+    """Every `torch.load` DeepSpeed makes inside the block goes through `load_weights_only` (weights
+    only, DeepSpeed's own classes allowed by name): its universal-checkpoint code reads with
+    weights_only=False."""
+    from chatkit.convert.safe import load_weights_only
 
     real = torch.load
-    allowed = deepspeed_safe_globals()
 
     def load(f: Any, map_location: Any = None, *args: Any, mmap: bool | None = None, **kwargs: Any) -> Any:
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return real(f, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as e:
-            raise UnsafeFileError(
-                f"{f}: refused: it holds pickled objects that are not tensors ({e})"
-            ) from None
+        return load_weights_only(f, map_location=map_location or "cpu", mmap=bool(mmap))
 
     torch.load = load  # type: ignore[assignment]
     try:
@@ -232,9 +224,9 @@ def _deepspeed_convert(folder: Path, out: Path) -> None:
         input_folder=str(folder), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=True,
     )  # fmt: skip
-    with contextlib.redirect_stdout(
-        sys.stderr if os.environ.get("CHATKIT_VERBOSE") else open(os.devnull, "w")
-    ):  # noqa: SIM115
+    with contextlib.ExitStack() as stack:
+        sink = sys.stderr if os.environ.get("CHATKIT_VERBOSE") else stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(sink))
         ds_to_universal.main(args)
 
 
